@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from dft_peft.losses.registry import LossSpec, get_loss, validate_loss_params
 from dft_peft.losses.stats import TokenStats
 
-# Logit elements per chunk: 4M fp32 = 16 MB, ~64 rows for Llama-3's 128k vocabulary. A handful of
-# [rows, vocab] temporaries live per chunk, so the peak stays far below the naive path's.
+# Rows per chunk: at least 4M logit elements (16 MB fp32, 32 rows of Llama-3's 128k vocabulary),
+# or 1/32 of the batch's valid rows when that is more. A handful of [rows, vocab] temporaries live
+# per chunk, so the peak stays a few percent of the naive path's at any batch size, while larger
+# batches get larger matmuls (each chunk streams the whole head weight once more).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+CHUNKS_PER_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ class Plan:
     chunk_size: int | None
     stats: TokenStats | None
 
-    def rows_per_chunk(self, vocab: int) -> int:
+    def rows_per_chunk(self, vocab: int, rows: int) -> int:
         if self.chunk_size:
             return self.chunk_size
-        return max(8, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1) // 8 * 8)
+        floor = max(8, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1) // 8 * 8)
+        share = -(-rows // CHUNKS_PER_BATCH)  # ceil
+        return max(floor, (share + 7) // 8 * 8)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,7 +144,7 @@ class _FusedLinearLossFn(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=cdtype, device=hidden.device)
-        rows = plan.rows_per_chunk(weight.shape[0])
+        rows = plan.rows_per_chunk(weight.shape[0], hidden.shape[0])
         autocast_off = torch.autocast(hidden.device.type, enabled=False)
         with autocast_off:
             for start in range(0, hidden.shape[0], rows):

@@ -1,0 +1,129 @@
+"""Load a dataset entry from local files, and split off an eval set.
+
+Everything is local: `datasets.load_dataset(<builder>, data_files=...)` reads json/csv/parquet/
+arrow files without the network, and `load_from_disk` reads a folder saved by `save_to_disk`.
+A hub id fails fast with a message saying so, instead of a long network timeout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dft_peft.data.spec import DatasetConfig
+from dft_peft.errors import UserError
+
+# extension -> datasets builder
+BUILDERS: dict[str, str] = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+DS_TYPE_BUILDER = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A `save_to_disk` folder (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def resolve_files(cfg: DatasetConfig) -> tuple[str, list[Path]]:
+    """The builder and the data files of an entry; ("disk", [folder]) for a saved dataset.
+
+    Also used by the cache to fingerprint the files' sizes and times.
+    """
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise UserError(_missing_path_message(cfg.path))
+    if cfg.data_files is not None:
+        names = [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files)
+        base = path if path.is_dir() else path.parent
+        files = [Path(n) if Path(n).is_absolute() else base / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"dataset {cfg.path}: data_files entry {f} does not exist; fix data_files")
+    elif path.is_dir():
+        if _is_saved_dataset(path):
+            return "disk", [path]
+        exts = {f".{cfg.ds_type}"} if cfg.ds_type else set(BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in exts)
+        if not files:
+            raise UserError(
+                f"dataset folder {cfg.path} has no {'/'.join(sorted(exts))} files and is not a saved dataset; "
+                "point path at a data file or set data_files"
+            )
+    else:
+        files = [path]
+    return _builder(cfg, files), files
+
+
+def _builder(cfg: DatasetConfig, files: list[Path]) -> str:
+    if cfg.ds_type:
+        return DS_TYPE_BUILDER[cfg.ds_type]
+    kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if f.suffix.lower() not in BUILDERS)
+        raise UserError(
+            f"dataset {cfg.path}: cannot tell the file type of {bad.name}; set ds_type: to one of "
+            "json, jsonl, csv, parquet, arrow"
+        )
+    if len(kinds) > 1:
+        raise UserError(f"dataset {cfg.path}: mixes file types {sorted(kinds)}; set ds_type or data_files")
+    return kinds.pop()
+
+
+def _missing_path_message(path: str) -> str:
+    if path.startswith(("hf://", "http://", "https://")) or (
+        _HUB_ID.match(path) and Path(path).suffix.lower() not in BUILDERS
+    ):
+        return (
+            f"dataset path {path} is not a local file or folder and looks like a Hugging Face hub id; the hub is "
+            "unreachable (dft-peft works offline): download the dataset files and point path at them"
+        )
+    return f"dataset path {path} does not exist; fix path (relative paths are from the current directory)"
+
+
+def load_raw(cfg: DatasetConfig):
+    """The entry's rows as a `datasets.Dataset`."""
+    import datasets
+
+    builder, files = resolve_files(cfg)
+    try:
+        if builder == "disk":
+            loaded = datasets.load_from_disk(str(files[0]))
+            if isinstance(loaded, datasets.DatasetDict):
+                if cfg.split not in loaded:
+                    raise UserError(
+                        f"dataset {cfg.path} has no split `{cfg.split}` (it has {', '.join(loaded)}); set split:"
+                    )
+                loaded = loaded[cfg.split]
+            return loaded
+        return datasets.load_dataset(builder, data_files={cfg.split: [str(f) for f in files]}, split=cfg.split)
+    except UserError:
+        raise
+    except Exception as err:  # a malformed file: name it, keep the parser's reason
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"dataset {cfg.path}: cannot read it as {builder}: {reason}") from err
+
+
+def split_eval(ds, val_set_size: float, seed: int):
+    """(train, eval) with `val_set_size` rows (a count >= 1) or fraction (< 1) held out; eval None if 0."""
+    if not val_set_size:
+        return ds, None
+    if val_set_size < 0:
+        raise UserError(f"val_set_size: {val_set_size} must be >= 0 (a fraction below 1 or a row count)")
+    test_size: float | int = int(val_set_size) if val_set_size >= 1 else float(val_set_size)
+    if isinstance(test_size, int) and test_size >= len(ds):
+        raise UserError(
+            f"val_set_size: {val_set_size} rows is not less than the {len(ds)} rows left after tokenization; lower it"
+        )
+    if len(ds) < 2:
+        raise UserError(f"val_set_size: cannot split an eval set from {len(ds)} row(s); add data or set it to 0")
+    try:
+        parts = ds.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    except ValueError as err:  # e.g. a fraction that rounds to 0 rows
+        raise UserError(f"val_set_size: {val_set_size} does not fit {len(ds)} rows: {err}") from None
+    return parts["train"], parts["test"]

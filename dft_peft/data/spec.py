@@ -1,0 +1,102 @@
+"""`DatasetConfig`: one entry of the YAML `datasets:` / `test_datasets:` lists.
+
+Key names and meanings follow Axolotl so an Axolotl config's dataset entries work unchanged.
+`extra="forbid"` makes a mistyped key an error instead of a silently ignored setting; the
+config module turns the pydantic error into a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dft_peft.errors import did_you_mean
+
+DsType = Literal["json", "jsonl", "csv", "parquet", "arrow"]
+TrainOnEos = Literal["turn", "all", "none", "last"]
+
+# Axolotl's aliases for ShareGPT-style role names, so `from: human` / `from: gpt` rows work.
+DEFAULT_ROLE_ALIASES: dict[str, list[str]] = {
+    "system": ["system"],
+    "user": ["user", "human"],
+    "assistant": ["assistant", "gpt", "model"],
+    "tool": ["tool"],
+}
+
+
+class DatasetConfig(BaseModel):
+    """Where a dataset lives and how its rows become prompt/response segments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    path: str = Field(description="Local file or folder (the Hugging Face hub is not reachable).")
+    ds_type: DsType | None = Field(default=None, description="File type; inferred from the extension.")
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    name: str | None = Field(default=None, description="Hub config name; accepted for Axolotl configs, unused locally.")
+    type: str = "alpaca"
+    field: str = Field(default="text", description="Text column for `type: completion`.")
+    field_messages: str = "messages"
+    message_property_mappings: dict[str, str] = Field(default_factory=dict)
+    message_field_role: str | None = Field(default=None, description="Older spelling of mappings.role.")
+    message_field_content: str | None = Field(default=None, description="Older spelling of mappings.content.")
+    roles: dict[str, list[str]] | None = Field(
+        default=None, description="Canonical role -> names used in the data (Axolotl `roles`)."
+    )
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
+    train_on_eos: TrainOnEos | None = None
+    chat_template: str | None = None
+    weight_field: str | None = None
+    min_weight: float | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        # Imported here: formats.py must stay importable without this module (the registry is the
+        # single source of truth for which types exist, so a new format needs no change here).
+        from dft_peft.data.formats import FORMATS
+
+        if value not in FORMATS:
+            raise ValueError(
+                f"unknown dataset type `{value}`; known: {', '.join(sorted(FORMATS))}." + did_you_mean(value, FORMATS)
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_legacy_mappings(cls, data: Any) -> Any:
+        """Accept Axolotl's older `message_field_role/content` by folding them into the mapping."""
+        if not isinstance(data, dict):
+            return data
+        mappings = dict(data.get("message_property_mappings") or {})
+        for old, key in (("message_field_role", "role"), ("message_field_content", "content")):
+            if data.get(old) and key not in mappings:
+                mappings[key] = data[old]
+        if mappings:
+            data = {**data, "message_property_mappings": mappings}
+        return data
+
+    @model_validator(mode="after")
+    def _weights_consistent(self) -> DatasetConfig:
+        if self.min_weight is not None and self.weight_field is None:
+            raise ValueError("`min_weight` needs `weight_field` (the column holding each row's weight).")
+        return self
+
+    @property
+    def role_key(self) -> str:
+        """Message key that holds the role."""
+        return self.message_property_mappings.get("role", "role")
+
+    @property
+    def content_key(self) -> str:
+        """Message key that holds the text."""
+        return self.message_property_mappings.get("content", "content")
+
+    def canonical_role(self, role: str) -> str:
+        """Map a data role name (`human`, `gpt`) to the template's (`user`, `assistant`)."""
+        aliases = self.roles if self.roles is not None else DEFAULT_ROLE_ALIASES
+        for canonical, names in aliases.items():
+            if role in names or role == canonical:
+                return canonical
+        return role
