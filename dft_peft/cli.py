@@ -1,4 +1,4 @@
-"""`dft-peft train | validate | preprocess | merge-lora | generate`.
+"""`dft-peft train | validate | preprocess | merge-lora | generate | inspect | eval`.
 
 Bad input (a mistyped key, a missing file, a row without its field, a config that does not fit
 in memory) is one line on stderr and exit code 2; `--debug` shows the traceback as well.
@@ -91,6 +91,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dft_peft.probe import inspect
+
+    cfg = _config(args)
+    adapters = ([args.adapter] if args.adapter else []) + list(args.compare or [])
+    out = Path(args.out or Path(cfg.output_dir) / "inspect.png")
+    report = inspect(
+        cfg,
+        adapters=adapters,
+        dataset=args.dataset,
+        max_rows=args.max_rows,
+        out=out,
+        batch_size=args.batch_size,
+        config_path=args.config,
+    )
+    print(report.table())
+    print(f"report written to {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dft_peft.math_eval import evaluate
+
+    cfg = _config(args)
+    report = evaluate(
+        cfg,
+        args.dataset,
+        adapters=list(args.adapter or []),
+        include_base=not args.no_base,
+        max_new_tokens=args.max_new_tokens,
+        samples=args.samples,
+        temperature=args.temperature,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out=args.out,
+        config_path=args.config,
+    )
+    print(report.table())
+    if args.out:
+        print(f"per-problem records written to {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- plumbing
 
 
@@ -108,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        # SUPPRESS: without it the subcommand's default (False) overwrites `dft-peft --debug train`.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.set_defaults(func=fn)
         return p
 
@@ -124,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", action="store_true", help="use the base model without the adapter")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    insp = command("inspect", cmd_inspect, "histogram of the training tokens' probabilities: base model vs adapters")
+    insp.add_argument("--adapter", help="adapter folder to compare with the base model")
+    insp.add_argument("--compare", nargs="+", action="extend", metavar="DIR", help="more adapter folders (NAME=DIR sets the label)")
+    insp.add_argument("--dataset", help="rows to use instead of the config's training data (formatted like its first entry)")
+    insp.add_argument("--max-rows", type=int, default=200, help="rows to run (default 200)")
+    insp.add_argument("--batch-size", type=int, default=8)
+    insp.add_argument("--out", help="PNG to write; the numbers go to the .json beside it (default output_dir/inspect.png)")
+    ev = command("eval", cmd_eval, "answer accuracy on maths problems (GSM `#### N` / \\boxed{}) for the base model and adapters")
+    ev.add_argument("--dataset", required=True, help="problems with an `answer` field (or `output` ending in `#### N`)")
+    ev.add_argument("--adapter", nargs="+", action="extend", metavar="DIR", help="adapter folders to evaluate (NAME=DIR sets the label)")
+    ev.add_argument("--no-base", action="store_true", help="skip the base model")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--samples", type=int, default=1, help="K sampled answers per problem for Avg@K (greedy accuracy is always reported)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (default 1.0)")
+    ev.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N problems")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--out", help="JSON file for the per-problem records")
     return parser
 
 
@@ -166,6 +229,15 @@ def _setup_logging() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes on an AVX512-bf16 CPU logs at import that `kernels` (which downloads from the
+    # hub) is missing: an offline tool cannot act on it, and it preceded every error line.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        # Per-step dataset progress bars in a log file or pipe are noise (and came before the
+        # one-line error of a bad row); the data summary is logged anyway.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def _one_line(exc: BaseException) -> str | None:

@@ -112,7 +112,7 @@ def test_packed_collator_has_positions_and_no_attention_mask():
     assert "attention_mask" not in batch
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0], [0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [[-100, 2, -100, 4, -100], [-100, 6, -100, -100, -100]]
-    assert batch["weights"].tolist() == [[1, 1, 1, 1, 0], [2, 2, 0, 0, 0]]
+    assert batch["token_weights"].tolist() == [[1, 1, 1, 1, 0], [2, 2, 0, 0, 0]]
     flat = make_collator(tok, sample_packing=True, pad_to_sequence_len=False, sequence_len=5, flatten=True)(rows)
     assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
     assert flat["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
@@ -166,7 +166,7 @@ def test_transformers_builds_block_diagonal_mask_from_position_ids(attn):
 
 def _forward(model, batch) -> torch.Tensor:
     """Call the model the way the HF Trainer does: every batch key but the targets as kwargs."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_weights")}
     with torch.no_grad():
         return model(**inputs).logits
 

@@ -189,10 +189,16 @@ def test_compute_loss_func_matches_reference_and_gradients():
     torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-12, rtol=1e-12)
 
 
-def test_stats_report_ce_probability_accuracy_entropy():
+@pytest.mark.parametrize("fast", [True, False])
+def test_stats_report_ce_probability_accuracy_entropy(fast):
+    import dataclasses
+
+    from dft_peft.losses.fused import fused_loss_from_plan, make_plan
+
     h, w, labels = random_case(6, 2, 10, 8, 17, dtype=torch.float64)
     stats = dft_peft.TokenStats()
-    dft_peft.fused_linear_loss(h, w, labels, "dft", stats=stats, chunk_size=3)
+    plan = dataclasses.replace(make_plan("dft", {}, chunk_size=3, stats=stats), fast=fast)
+    fused_loss_from_plan(plan, h, w, labels).backward()
     got = stats.pop()
     logits = (h.double() @ w.double().t())[:, :-1]
     targets = labels[:, 1:]

@@ -79,7 +79,7 @@ class DataCollator:
             "labels": _pad([f["labels"] for f in features], length, IGNORE_INDEX, torch.long),
         }
         if "weights" in features[0]:
-            batch["weights"] = _pad([f["weights"] for f in features], length, 0.0, torch.float32)
+            batch["token_weights"] = _pad([f["weights"] for f in features], length, 0.0, torch.float32)
         if self.sample_packing:
             positions = [_positions_with_pad(f["position_ids"], length) for f in features]
             batch["position_ids"] = torch.as_tensor(positions, dtype=torch.long)
@@ -100,7 +100,7 @@ class DataCollator:
             ),
         }
         if "weights" in features[0]:
-            batch["weights"] = _pad([[w for f in features for w in f["weights"]]], length, 0.0, torch.float32)
+            batch["token_weights"] = _pad([[w for f in features for w in f["weights"]]], length, 0.0, torch.float32)
         batch["use_cache"] = False
         return batch
 

@@ -15,6 +15,7 @@ point is loaded (which runs its `@register_loss` decorators) the first time the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 from collections.abc import Callable
@@ -52,6 +53,10 @@ class LossSpec:
     params: type[BaseModel] = NoParams
     needs: tuple[str, ...] = field(default=())
     description: str = ""
+    # For objectives that depend only on log p(target): the same loss as a function of that
+    # [n] vector. The fused path then forms the [n, V] gradient in place in two passes instead
+    # of running autograd over the whole chunk of logits.
+    of_logp: Objective | None = None
 
     @property
     def param_names(self) -> set[str]:
@@ -75,6 +80,30 @@ def register_loss(
             logger.warning("dft-peft: objective %r registered again; the newer one wins", name)
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = LossSpec(name, fn, params, tuple(needs), doc[0] if doc else "")
+        return fn
+
+    return decorator
+
+
+def register_loss_of_logp(
+    name: str, *, params: type[BaseModel] = NoParams
+) -> Callable[[Objective], Objective]:
+    """Decorator for objectives of the target log-probability alone: `fn(logp [n], **params)`.
+
+    Registers both forms: the general `(logits, targets)` one, which any caller can use, and the
+    `of_logp` one, which lets the fused path skip autograd over the vocabulary.
+    """
+
+    def decorator(fn: Objective) -> Objective:
+        from dft_peft.losses.objectives import target_logprobs
+
+        def on_logits(logits: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return fn(target_logprobs(logits, targets), **kwargs)
+
+        on_logits.__name__ = on_logits.__qualname__ = fn.__name__
+        on_logits.__doc__ = fn.__doc__
+        register_loss(name, params=params)(on_logits)
+        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], of_logp=fn)
         return fn
 
     return decorator

@@ -21,24 +21,31 @@ class TokenStats:
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, targets: torch.Tensor, per_token_loss: torch.Tensor) -> None:
-        """Add one chunk: `logits` [n, V] in fp32/fp64 (after any soft-capping), `targets` [n]."""
+        """Add one chunk from its logits [n, V] (fp32/fp64, after any soft-capping) and targets [n]."""
         if targets.numel() == 0:
             return
-        lse = torch.logsumexp(logits, dim=-1)
-        ce = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-        correct = logits.argmax(dim=-1).eq(targets)
-        probs = torch.softmax(logits, dim=-1)
-        # sum_v p_v * logit_v as a batched dot product: no second [n, V] temporary.
-        expected_logit = torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-        entropy = lse - expected_logit
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(1, targets.unsqueeze(1)).squeeze(1)
+        entropy = torch.special.entr(logp_all.exp_()).sum(dim=-1)
+        self.add_values(per_token_loss, logp, logits.argmax(dim=-1).eq(targets), entropy)
+
+    @torch.no_grad()
+    def add_values(
+        self,
+        per_token_loss: torch.Tensor,
+        target_logp: torch.Tensor,
+        correct: torch.Tensor,
+        entropy: torch.Tensor,
+    ) -> None:
+        """Add one chunk from per-token values the caller already computed (the fast path)."""
         chunk = torch.stack(
             [
                 per_token_loss.detach().sum(),
-                ce.sum(),
-                torch.exp(-ce).sum(),
+                -target_logp.sum(),
+                target_logp.exp().sum(),
                 correct.sum(),
                 entropy.sum(),
-                torch.tensor(float(targets.numel()), device=logits.device),
+                torch.tensor(float(target_logp.numel()), device=target_logp.device),
             ]
         ).to(torch.float64)
         self._sums = chunk if self._sums is None else self._sums + chunk

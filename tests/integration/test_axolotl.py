@@ -102,7 +102,7 @@ class Run:
 
     def first_step_log(self) -> dict[str, Any]:
         lines = [log for log in self.logs() if "loss" in log]
-        assert lines and lines[0]["step"] == 1, lines
+        assert lines and lines[0]["step"] == 1, f"no step-1 loss logged: {lines}\n{self.tail()}"
         return lines[0]
 
     def first_step(self) -> list[dict[str, Any]]:

@@ -138,7 +138,7 @@ def axolotl_config(
         "dataset_prepared_path": str(output_dir / "prepared"),
         "val_set_size": 0,
         "output_dir": str(output_dir / "out"),
-        "sequence_len": 128,
+        "sequence_len": 256,
         "sample_packing": False,
         "adapter": "lora",
         "lora_r": 8,
