@@ -18,6 +18,7 @@ a time: the `[tokens, vocab]` logits of a batch are never built.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -88,12 +89,13 @@ def load_rows(cfg: Any, tokenizer: Any, dataset: str | Path | None = None, max_r
         raw = load_raw(entry)
         if remaining is not None and len(raw) > remaining:
             raw = raw.select(range(remaining))
-        ds, _ = tokenize_dataset(raw, entry, tokenizer, opts, source=entry.path, fingerprint=f"dft-peft-inspect-{i}")
+        key = hashlib.sha256(repr((entry.path, len(raw), opts, getattr(tokenizer, "name_or_path", ""))).encode()).hexdigest()[:16]
+        ds, _ = tokenize_dataset(raw, entry, tokenizer, opts, source=entry.path, fingerprint=f"dft-peft-inspect-{key}-{i}")
         ids.extend(list(map(int, r)) for r in ds["input_ids"])
         labels.extend(list(map(int, r)) for r in ds["labels"])
     if not ids:
         raise UserError("no rows with trained tokens left after tokenization; check the dataset and sequence_len")
-    source = str(dataset) if dataset is not None else ", ".join(e.path for e in entries)
+    source = display_path(str(dataset)) if dataset is not None else ", ".join(display_path(e.path) for e in entries)
     return Rows(ids, labels, source)
 
 
@@ -287,10 +289,11 @@ def adapter_label(adapter_dir: str | Path) -> tuple[str, str]:
             kind = str(json.loads(metrics.read_text()).get("loss") or kind)
         except (OSError, ValueError):
             pass
-    return f"{kind}: {_display_path(text)}", text
+    return f"{kind}: {display_path(text)}", text
 
 
-def _display_path(path: str) -> str:
+def display_path(path: str) -> str:
+    """`path` relative to the current directory when it is under it (reports stay portable)."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -320,6 +323,7 @@ def inspect(
 ) -> InspectReport:
     """Run the rows through the base model and every adapter; write `out` (PNG) and its JSON."""
     from dft_peft.data.collator import pad_id_of
+    from dft_peft.math_eval import merged
     from dft_peft.modeling import load_for_inference
 
     out = Path(out)
@@ -342,6 +346,7 @@ def inspect(
     tokenizer = None
     for label, folder in models_spec:
         model, tok = load_for_inference(cfg, folder)
+        model = merged(model)
         if rows is None:
             tokenizer = tok
             rows = load_rows(cfg, tokenizer, dataset, max_rows)
@@ -352,7 +357,7 @@ def inspect(
         if token_ids is None:
             token_ids = ids
         log.info("inspect: %s: %d target tokens, mean p %.4f", label, logp.size, float(np.exp(logp).mean()))
-        results.append(ModelResult(label, folder, logp, summarize(logp)))
+        results.append(ModelResult(label, folder and display_path(folder), logp, summarize(logp)))
         del model
         gc.collect()
     assert rows is not None and token_ids is not None
@@ -360,7 +365,7 @@ def inspect(
     for r in results[1:]:
         r.movers = movers(base.logp, r.logp, token_ids, tokenizer)
 
-    report = InspectReport(config=config_path or "", source=rows.source, rows=len(rows), models=results)
+    report = InspectReport(config=display_path(config_path) if config_path else "", source=rows.source, rows=len(rows), models=results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plot(report, out)
@@ -419,7 +424,9 @@ def plot(report: InspectReport, out: Path) -> None:
         axm.set_yticklabels(names, fontsize=7)
         axm.axvline(0.0, color="black", linewidth=0.8)
         axm.set_xlabel("mean change of ln p vs base")
-        axm.set_title(f"{m.label}: top {TOP_MOVERS} up / down (tokens seen ≥ {m.movers['min_count']}×)", fontsize=9)
+        axm.set_title(
+            f"{m.label}\ntop {TOP_MOVERS} up / down by mean Δ ln p (tokens seen ≥ {m.movers['min_count']}×)", fontsize=9
+        )
         axm.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, format="png")

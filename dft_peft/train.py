@@ -165,7 +165,9 @@ def training_arguments(cfg: Config, precision: modeling.Precision, epoch_steps: 
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # already enabled on the model, before the adapter
+        # No gradient_checkpointing here: modeling enables it on the model, before the adapter, and
+        # the Trainer's default (off) keeps it from doing so again. Passing False only warns
+        # (transformers 5.2x deprecates the name).
         **optional,
     )
 

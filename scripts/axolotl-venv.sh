@@ -37,7 +37,7 @@ axolotl_ready() {
 import sys, importlib.metadata as md
 assert md.version("axolotl") == sys.argv[1]
 assert md.version("torch").split("+")[0] == sys.argv[2]
-import pytest  # noqa: F401
+import pytest, matplotlib, gguf  # noqa: F401,E401
 import axolotl.integrations.base  # noqa: F401
 PY
 }
@@ -62,7 +62,8 @@ else
     #    build; a ranged torch would pull GBs of CUDA wheels from the index.
     vpip "torch==$TORCH_VERSION"
     # 2. Axolotl and its dependencies at the recorded versions (torch held in place).
-    vpip -c "$CONSTRAINTS" "axolotl==$AXOLOTL_VERSION" pytest
+    #    pytest, matplotlib and gguf let dft-peft's own test suite run here as well.
+    vpip -c "$CONSTRAINTS" "axolotl==$AXOLOTL_VERSION" pytest matplotlib gguf
     built=1
 fi
 

@@ -30,10 +30,17 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_cli_env(monkeypatch):
-    """`main` sets offline/progress-bar defaults in os.environ; keep them out of other tests."""
+def _restore_cli_state(monkeypatch):
+    """`main` sets offline/progress-bar defaults in os.environ and turns the datasets progress
+    bars off (stderr is not a terminal here); keep both out of other tests."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
+
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         monkeypatch.setenv(key, os.environ.get(key, "1" if key != "TOKENIZERS_PARALLELISM" else "false"))
+    bars_were_on = not are_progress_bars_disabled()
+    yield
+    if bars_were_on:
+        enable_progress_bars()
 
 
 @pytest.fixture

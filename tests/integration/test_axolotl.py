@@ -37,6 +37,7 @@ REPO = HERE.parents[1]
 VENV = Path(os.environ.get("DFT_PEFT_AXOLOTL_VENV") or REPO / ".venv-axolotl")
 AXOLOTL = VENV / "bin" / "axolotl"
 RUN_TIMEOUT = 300
+EXAMPLE = REPO / "examples" / "yaml" / "axolotl-llama-3-8b-qlora-dft.yml"
 
 needs_axolotl = [
     pytest.mark.axolotl,
@@ -111,11 +112,17 @@ class Run:
         return torch.load(path, weights_only=False)
 
 
-def run_axolotl(work: Path, name: str, cfg: dict[str, Any]) -> Run:
+def run_axolotl(work: Path, name: str, cfg: dict[str, Any], launcher: str | None = "python") -> Run:
+    """`axolotl train <name>.yml`. Axolotl's default launcher re-executes the run through
+    `accelerate launch` (a second ~12 s of imports); `--launcher python` trains in-process,
+    the same single-process run on a CPU, so most tests use it."""
     work.mkdir(parents=True, exist_ok=True)
     config = tiny_assets.write_config(work / f"{name}.yml", cfg)
+    command = [str(AXOLOTL), "train", str(config)]
+    if launcher is not None:
+        command += ["--launcher", launcher]
     proc = subprocess.run(
-        [str(AXOLOTL), "train", str(config)],
+        command,
         cwd=work,
         env=axolotl_env(work),
         stdout=subprocess.PIPE,
@@ -230,7 +237,8 @@ def test_integrations_import_without_axolotl():
 @_apply(needs_axolotl)
 def test_lora_first_step_loss_is_dft(assets):
     cfg = _config(assets, "lora")
-    run = run_axolotl(assets["root"] / "lora", "lora", cfg).check()
+    # the way users run it: `axolotl train config.yml`, through accelerate launch
+    run = run_axolotl(assets["root"] / "lora", "lora", cfg, launcher=None).check()
     assert "dft-peft: training objective `dft`" in run.output
 
     log = run.first_step_log()
@@ -322,7 +330,12 @@ base = json.loads(sys.argv[1])
 cases = json.loads(sys.argv[2])
 results = {}
 for name, extra in cases.items():
-    cfg = DictDefault({**base, **extra})
+    if "__file__" in extra:  # a whole YAML file, as `axolotl train` would read it
+        import yaml
+        with open(extra["__file__"], encoding="utf-8") as f:
+            cfg = DictDefault(yaml.safe_load(f))
+    else:
+        cfg = DictDefault({**base, **extra})
     try:
         prepare_plugins(cfg)  # runs the plugins' register() on the raw config
         out = validate_config(cfg)
@@ -364,6 +377,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
         },
         "chunked": {"plugins": [plugin], "chunked_cross_entropy": True},
         "rl": {"plugins": [plugin], "rl": "dpo"},
+        "example": {"__file__": str(EXAMPLE)},
     }
     proc = subprocess.run(
         [str(VENV / "bin" / "python"), "-c", _VALIDATION_SCRIPT, json.dumps(base), json.dumps(cases)],
@@ -384,6 +398,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
     assert not res["bad_alpha"]["ok"] and "`dft_alpha`" in res["bad_alpha"]["error"]
     assert not res["alpha_for_sft"]["ok"]
     assert "`dft_alpha` is a parameter of loss `dft`" in res["alpha_for_sft"]["error"]
+    assert res["example"] == {"ok": True, "loss": "dft", "dft_alpha": None}, res["example"]
     for case, needle in {
         "liger_flce": "remove `liger_fused_linear_cross_entropy: true`",
         "liger_scaling": "remove `liger_use_token_scaling: true`",
@@ -431,7 +446,12 @@ def test_same_first_step_loss_as_dft_peft_train(tmp_path):
 
 
 def _first_logged_loss(out_dir: Path, stdout: str) -> float:
-    """The first step's loss from `dft-peft train`: trainer_state.json, a jsonl log, or stdout."""
+    """The first step's loss from `dft-peft train`: log_history.json, trainer_state.json, a
+    jsonl log, or stdout."""
+    for history in sorted(out_dir.rglob("log_history.json")):
+        for entry in json.loads(history.read_text()):
+            if "loss" in entry and entry.get("step") == 1:
+                return float(entry["loss"])
     for state in sorted(out_dir.rglob("trainer_state.json")):
         for entry in json.loads(state.read_text()).get("log_history", []):
             if "loss" in entry and entry.get("step") == 1:

@@ -166,6 +166,7 @@ def axolotl_config(
         "shuffle_merged_datasets": False,
         "curriculum_sampling": True,
         "dataloader_num_workers": 0,
+        "dataset_num_proc": 1,
         "use_wandb": False,
         "use_tensorboard": False,
         "strict": False,
