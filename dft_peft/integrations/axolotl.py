@@ -162,7 +162,14 @@ def check_config(cfg: Any) -> tuple[str, dict[str, Any]]:
             + "; ".join(problems)
             + ", or drop the plugin to train plain cross-entropy."
         )
-    return loss_settings(cfg)
+    name, params = loss_settings(cfg)
+    needs = getattr(_registry().get_loss(name), "needs", ())
+    if "ref_logits" in needs and not _get(cfg, "adapter"):
+        raise UserError(
+            f"loss `{name}` anchors to the base model, which it reads by disabling the adapter: "
+            "set `adapter: lora` or `adapter: qlora`."
+        )
+    return name, params
 
 
 class _DFTArgsBase(BaseModel):

@@ -41,6 +41,7 @@ EXAMPLE = REPO / "examples" / "yaml" / "axolotl-llama-3-8b-qlora-dft.yml"
 
 needs_axolotl = [
     pytest.mark.axolotl,
+    pytest.mark.slow,
     pytest.mark.skipif(
         not AXOLOTL.exists(),
         reason=f"no Axolotl venv at {VENV}: run scripts/axolotl-venv.sh "
@@ -295,7 +296,10 @@ def test_sample_packing_with_gradient_accumulation(assets):
 
 @_apply(needs_axolotl)
 def test_qlora_runs_dft(assets):
-    cfg = _config(assets, "qlora", adapter="qlora", load_in_4bit=True)
+    cfg = _config(
+        assets, "qlora", adapter="qlora", load_in_4bit=True,
+        val_set_size=0.1, eval_strategy="steps", eval_steps=3,
+    )
     run = run_axolotl(assets["root"] / "qlora", "qlora", cfg).check()
     assert "dft-peft: training objective `dft`" in run.output
     log = run.first_step_log()
@@ -307,6 +311,11 @@ def test_qlora_runs_dft(assets):
     assert log["ce"] == pytest.approx(ref.ce, rel=0.05)
     assert not any(m["has_logits"] for m in micro)
     assert (Path(cfg["output_dir"]) / "adapter_model.safetensors").exists()
+    # evaluation reports the same objective, with dft-peft's columns beside it
+    evals = [log for log in run.logs() if "eval_loss" in log]
+    assert evals, run.tail()
+    assert evals[-1]["eval_ce"] > 10 * evals[-1]["eval_loss"]
+    assert "eval_p_mean" in evals[-1]
 
 
 @_apply(needs_axolotl)
@@ -377,6 +386,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
         },
         "chunked": {"plugins": [plugin], "chunked_cross_entropy": True},
         "rl": {"plugins": [plugin], "rl": "dpo"},
+        "asft_full_ft": {"plugins": [plugin], "loss": "asft", "adapter": None},
         "example": {"__file__": str(EXAMPLE)},
     }
     proc = subprocess.run(
@@ -398,6 +408,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
     assert not res["bad_alpha"]["ok"] and "`dft_alpha`" in res["bad_alpha"]["error"]
     assert not res["alpha_for_sft"]["ok"]
     assert "`dft_alpha` is a parameter of loss `dft`" in res["alpha_for_sft"]["error"]
+    assert not res["asft_full_ft"]["ok"] and "set `adapter: lora`" in res["asft_full_ft"]["error"]
     assert res["example"] == {"ok": True, "loss": "dft", "dft_alpha": None}, res["example"]
     for case, needle in {
         "liger_flce": "remove `liger_fused_linear_cross_entropy: true`",
