@@ -24,9 +24,9 @@ EXIT_BAD_INPUT = 2
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # before the heavy imports: a config error answers in a second
     from dft_peft.train import train
 
-    cfg = _config(args)
     result = train(cfg)
     print(f"done: {result.global_step} steps; adapter saved to {result.output_dir}")
     return 0
@@ -232,6 +232,11 @@ def _setup_logging() -> None:
     # bitsandbytes on an AVX512-bf16 CPU logs at import that `kernels` (which downloads from the
     # hub) is missing: an offline tool cannot act on it, and it preceded every error line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*publisher trust check.*")
+    # Axolotl's environment brings torchao, which logs missing CUDA-only libraries and torch
+    # pytree deprecations on import (through peft): noise before every line we print.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         # Per-step dataset progress bars in a log file or pipe are noise (and came before the
         # one-line error of a bad row); the data summary is logged anyway.
