@@ -263,6 +263,16 @@ class InspectReport:
             "models": [m.to_dict() for m in self.models],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InspectReport":
+        """A report read back from its JSON (enough to redraw the figure with `plot`)."""
+        stat_keys = ("tokens", "bin_edges", "counts", "mean_p", "median_p", "frac_p_below_1e-3", "frac_p_above_0.9", "mean_log_p")
+        models = [
+            ModelResult(m["label"], m.get("adapter"), np.zeros(0), {k: m[k] for k in stat_keys if k in m}, m.get("movers"))
+            for m in data["models"]
+        ]
+        return cls(config=data.get("config", ""), source=data.get("dataset", ""), rows=data["rows"], models=models)
+
     def table(self) -> str:
         header = f"{'model':<32} {'tokens':>8} {'mean p':>8} {'median p':>9} {'p<1e-3':>8} {'p>0.9':>7} {'mean ln p':>10}"
         lines = [header]
@@ -395,7 +405,7 @@ def plot(report: InspectReport, out: Path) -> None:
     centers = np.sqrt(BIN_EDGES[:-1] * BIN_EDGES[1:])
     for m in report.models:
         counts = np.asarray(m.stats["counts"], dtype=float)
-        frac = counts / max(counts.sum(), 1.0)
+        frac = np.where(counts > 0, counts / max(counts.sum(), 1.0), np.nan)  # empty bins: gaps
         ax.plot(
             centers,
             frac,
@@ -405,10 +415,12 @@ def plot(report: InspectReport, out: Path) -> None:
             label=f"{m.label} (mean p {m.stats['mean_p']:.3f}, p<1e-3: {100 * m.stats['frac_p_below_1e-3']:.1f}%)",
         )
     ax.set_xscale("log")
+    ax.set_yscale("log")  # the low-probability tail is a few percent of tokens: log y shows it
+    tokens = report.models[0].stats["tokens"] if report.models else 0
+    ax.set_ylim(0.5 / max(tokens, 1), 1.5)
     ax.set_xlim(BIN_EDGES[0], 1.0)
     ax.set_xlabel("target-token probability p(y_t)  (log scale; p < 1e-8 in the first bin)")
-    ax.set_ylabel("fraction of tokens")
-    tokens = report.models[0].stats["tokens"] if report.models else 0
+    ax.set_ylabel("fraction of tokens (log scale)")
     ax.set_title(f"p(y_t) of {tokens} trained tokens in {report.rows} rows")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")

@@ -260,6 +260,11 @@ def test_inspect_dataset_option_and_named_adapter(tiny, tmp_path):
     assert [m["label"] for m in report["models"]] == ["base", "mine"]
     ref, _ = reference_logp(tiny["model"], reference_rows(tiny["model"], ROWS[3:]))
     assert report["models"][0]["counts"] == reference_counts(ref)
+    # The figure can be redrawn from the JSON alone.
+    again = probe.InspectReport.from_dict(report)
+    assert again.to_dict()["models"] == report["models"]
+    probe.plot(again, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_inspect_errors_are_one_line(tiny, tmp_path, capsys, monkeypatch):

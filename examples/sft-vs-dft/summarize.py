@@ -52,13 +52,16 @@ def main() -> None:
         f"**GSM accuracy** ({ev['summary'][0]['n']} problems of gsm_test.jsonl, greedy, "
         f"max_new_tokens {s['max_new_tokens']}, prompt format {s['prompt_format']})",
         "",
-        "| model | n | accuracy | correct | no answer | mean answer tokens |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | n | accuracy | correct | answers in `#### N` form | hit the token limit | mean answer tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in ev["summary"]:
         correct = round(m["accuracy"] * m["n"])
+        gens = [r["models"][m["model"]] for r in ev["records"]]
+        hashed = sum("####" in g["generation"] for g in gens)
+        capped = sum(g["tokens"] >= s["max_new_tokens"] for g in gens)
         lines.append(
-            f"| {m['model']} | {m['n']} | {pct(m['accuracy'])} | {correct} | {m['no_answer']} | {m['mean_tokens']:.1f} |"
+            f"| {m['model']} | {m['n']} | {pct(m['accuracy'])} | {correct} | {hashed} | {capped} | {m['mean_tokens']:.1f} |"
         )
     lines.append("")
 
