@@ -41,6 +41,7 @@ class _LogitsLossFn(torch.autograd.Function):
                 total += loss_sum
                 if g is not None:
                     grad.index_copy_(0, idx, g.to(grad.dtype))
+                del raw, g  # free this chunk before the next one is allocated
         ctx.save_for_backward(grad)
         return total
 
