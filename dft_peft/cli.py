@@ -73,17 +73,15 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from dft_peft.math_eval import training_prompt
     from dft_peft.modeling import load_for_inference
 
     cfg = _config(args)
     adapter = None if args.base else (args.adapter or cfg.output_dir)
     model, tokenizer = load_for_inference(cfg, adapter)
-    if tokenizer.chat_template and not args.raw:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        encoded = tokenizer(args.prompt, return_tensors="pt")
+    text = args.prompt if args.raw else training_prompt(cfg, tokenizer, args.prompt)
+    # A chat template carries its own special tokens; other prompts get the tokenizer's BOS.
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=cfg.datasets[0].type != "chat_template")
     encoded = {k: v.to(model.device) for k, v in encoded.items()}
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -167,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--adapter", help="adapter folder (default: output_dir)")
     gen.add_argument("--base", action="store_true", help="use the base model without the adapter")
-    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, not in the training data's format")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     insp = command("inspect", cmd_inspect, "histogram of the training tokens' probabilities: base model vs adapters")
     insp.add_argument("--adapter", help="adapter folder to compare with the base model")

@@ -212,6 +212,25 @@ def build_prompt(row: Mapping[str, Any], entry: Any, tokenizer: Any, chat_templa
     )
 
 
+def training_chat_template(cfg: Any, entry: Any, tokenizer: Any) -> str | None:
+    """The chat template the dataset entry was trained with (None for non-chat formats)."""
+    if entry.type != "chat_template":
+        return None
+    from dft_peft.data.chat import resolve_chat_template
+
+    return resolve_chat_template(entry.chat_template or cfg.chat_template_jinja or cfg.chat_template, tokenizer, "eval")
+
+
+def training_prompt(cfg: Any, tokenizer: Any, text: str) -> str:
+    """A free-text question formatted like the config's first dataset at training time, so that
+    `dft-peft generate` asks in the format the adapter learned (alpaca or the chat template)."""
+    entry = cfg.datasets[0]
+    if entry.type not in ("alpaca", "chat_template"):
+        return text
+    template = training_chat_template(cfg, entry, tokenizer)
+    return build_prompt({"instruction": text}, entry, tokenizer, template, "--prompt")
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -470,7 +489,6 @@ def evaluate(
     config_path: str | None = None,
 ) -> EvalReport:
     """Greedy accuracy (and Avg@k/Pass@k with `samples` > 1) of the base model and each adapter."""
-    from dft_peft.data.chat import resolve_chat_template
     from dft_peft.data.tokenize import default_prefix_ids
     from dft_peft.modeling import load_for_inference
     from dft_peft.probe import adapter_label, display_path
@@ -505,11 +523,7 @@ def evaluate(
     for label, folder in specs:
         model, tokenizer = load_for_inference(cfg, folder)
         model = merged(model)
-        template = None
-        if entry.type == "chat_template":
-            template = resolve_chat_template(
-                entry.chat_template or cfg.chat_template_jinja or cfg.chat_template, tokenizer, "eval"
-            )
+        template = training_chat_template(cfg, entry, tokenizer)
         texts = [build_prompt(r, entry, tokenizer, template, f"{dataset} row {i + 1}") for i, r in enumerate(rows)]
         if not prompts_text:
             prompts_text = texts

@@ -19,17 +19,9 @@ CONSTRAINTS="$REPO/constraints-axolotl.txt"
 export AXOLOTL_DO_NOT_TRACK=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# pip install into the venv, without the machine's pip config noise about index
-# folders that lack a package.
-vpip() {
-    local rc
-    set +e
-    "$VENV/bin/python" -m pip install --quiet --progress-bar off "$@" 2>&1 \
-        | grep -v "is ignored: it is neither a file nor a directory"
-    rc=${PIPESTATUS[0]}
-    set -e
-    return "$rc"
-}
+# shellcheck source=scripts/venv-pip.sh
+source "$REPO/scripts/venv-pip.sh"
+vpip() { venv_pip "$VENV" "$@"; }
 
 axolotl_ready() {
     [ -x "$VENV/bin/python" ] || return 1

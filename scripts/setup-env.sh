@@ -13,15 +13,9 @@ VENV="${DFT_PEFT_VENV:-$REPO/.venv}"
 PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-quiet_pip() {
-    local rc
-    set +e
-    "$VENV/bin/python" -m pip install --quiet --progress-bar off "$@" 2>&1 \
-        | grep -v "is ignored: it is neither a file nor a directory"
-    rc=${PIPESTATUS[0]}
-    set -e
-    return "$rc"
-}
+# shellcheck source=scripts/venv-pip.sh
+source "$REPO/scripts/venv-pip.sh"
+quiet_pip() { venv_pip "$VENV" "$@"; }
 
 stamp="$VENV/.dft-peft-setup"
 want="$(cat "$REPO/constraints.txt" "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"

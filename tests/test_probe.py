@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from test_data_helpers import make_tokenizer
+from tiny_run import tiny_assets
 
 from dft_peft import probe
 from dft_peft.cli import main
@@ -32,30 +33,11 @@ ROWS = [
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """The test tokenizer (byte-level BPE, ~300 tokens, prepends <s>) and a random 2-layer Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The test tokenizer (byte-level BPE, ~300 tokens, prepends <s>) and a random 2-layer Llama
+    whose large head spreads p(y_t) over many decades, as a trained model's are."""
     tok = make_tokenizer()
     tok.save_pretrained(out_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # spread p(y_t) over many decades, as a trained model's are
-        model.lm_head.weight.mul_(40.0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return tiny_assets.save_random_llama(out_dir, tok, seed=seed, hidden_size=32, head_scale=40.0)
 
 
 def save_random_adapter(model_dir: Path, out_dir: Path, seed: int, loss: str | None = None) -> Path:

@@ -26,30 +26,10 @@ _BUILT: dict[str, Path] = {}
 
 def build_tiny_model(out_dir: Path, seed: int = 0, head_scale: float = 8.0) -> Path:
     """Tokenizer (BPE, ~580 tokens) + random Llama (hidden 64, 2 layers) saved in `out_dir`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = tiny_assets.build_tokenizer(out_dir, vocab_size=1000)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    return tiny_assets.save_random_llama(
+        out_dir, tokenizer, seed=seed, max_position_embeddings=256, head_scale=head_scale
     )
-    model = LlamaForCausalLM(config)
-    # A larger head spreads the target probabilities, so DFT's sg(p) weight differs from 1.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -92,19 +92,31 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320):
 
 def build_model(out_dir: Path, seed: int = 0, head_scale: float = 8.0) -> Path:
     """Tokenizer + random Llama (hidden 64, 2 layers, 4 heads) in `out_dir`, fp32 safetensors."""
+    return save_random_llama(out_dir, build_tokenizer(out_dir), seed=seed, head_scale=head_scale)
+
+
+def save_random_llama(
+    out_dir: Path,
+    tokenizer,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    max_position_embeddings: int = 512,
+    head_scale: float = 8.0,
+) -> Path:
+    """A random 2-layer Llama for `tokenizer`, saved in `out_dir` as a user's model folder is."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(out_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
