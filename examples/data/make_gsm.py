@@ -5,7 +5,9 @@ instantiates GSM8K-style templates with fresh numbers and ships a step-by-step s
 (`metadata["answer_cot"]`) for each problem. Nothing is downloaded.
 
 Writes, next to this script:
-  gsm_train.jsonl   ~400 alpaca rows (instruction/input/output), output ends with "#### <number>"
+  gsm_train.jsonl   ~400 rows, output ends with "#### <number>", in two layouts at once: alpaca
+                    fields (instruction/input/output) and `messages` (user/assistant), so a
+                    config can train with `type: alpaca` or `type: chat_template`
   gsm_test.jsonl    ~100 rows from a different seed, same fields plus `answer` for scoring
   chat_sample.jsonl  20 rows of `messages` (system/user/assistant) for the chat-template example
 
@@ -60,6 +62,17 @@ def alpaca_row(entry: dict) -> dict:
     return {"instruction": entry["question"], "input": "", "output": solution(entry)}
 
 
+def train_row(entry: dict) -> dict:
+    """Alpaca fields and the same exchange as chat `messages`: an instruct model should be trained
+    in its own chat format, where it already ends an answer with its end-of-turn token."""
+    row = alpaca_row(entry)
+    row["messages"] = [
+        {"role": "user", "content": row["instruction"]},
+        {"role": "assistant", "content": row["output"]},
+    ]
+    return row
+
+
 def chat_row(entry: dict) -> dict:
     return {
         "messages": [
@@ -88,8 +101,8 @@ def main() -> None:
     chat = generate(args.chat_size, CHAT_SEED, exclude=train_questions | {e["question"] for e in test})
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "gsm_train.jsonl", [alpaca_row(e) for e in train])
-    write_jsonl(args.out / "gsm_test.jsonl", [dict(alpaca_row(e), answer=_answer_text(e["answer"])) for e in test])
+    write_jsonl(args.out / "gsm_train.jsonl", [train_row(e) for e in train])
+    write_jsonl(args.out / "gsm_test.jsonl", [dict(train_row(e), answer=_answer_text(e["answer"])) for e in test])
     write_jsonl(args.out / "chat_sample.jsonl", [chat_row(e) for e in chat])
     for name in ("gsm_train.jsonl", "gsm_test.jsonl", "chat_sample.jsonl"):
         path = args.out / name
