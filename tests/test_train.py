@@ -297,3 +297,16 @@ def test_saved_adapter_reloads_with_plain_peft(model_dir, data4, tmp_path, monke
     assert metrics["loss"] == "dft" and metrics["loss_params"] == {"dft_alpha": 1.0} and metrics["global_step"] == 3
     assert metrics["first_log"]["step"] == 1 and "ce" in metrics["first_log"] and "p_mean" in metrics["first_log"]
 
+
+
+def test_gradient_accumulation_is_exact_through_the_trainer(model_dir, data4, tmp_path):
+    """4 rows as one micro-batch, or as 2 x 2 with gradient accumulation: the Trainer passes
+    `num_items_in_batch` to the patched model, so the first step's loss and gradient norm agree
+    (rows of different lengths: a per-micro-batch mean would weight their tokens differently)."""
+    one = train(make_config(model_dir, data4, tmp_path / "one", micro_batch_size=4, max_steps=1)).log_history
+    two = train(
+        make_config(model_dir, data4, tmp_path / "two", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    ).log_history
+    assert _first(two, "loss") == pytest.approx(_first(one, "loss"), rel=1e-5)
+    assert _first(two, "grad_norm") == pytest.approx(_first(one, "grad_norm"), rel=1e-4)
+    assert _first(two, "ce") == pytest.approx(_first(one, "ce"), rel=1e-5)
