@@ -668,7 +668,7 @@ def test_quickstart_is_the_promised_cpu_run():
     lora = (cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_linear)
     assert lora == ("lora", 16, 32, True)
     assert cfg.datasets[0].path == str(repo / "examples" / "data" / "gsm_train.jsonl")
-    assert cfg.datasets[0].type == "alpaca"
+    assert cfg.datasets[0].type == "chat_template"  # the model's own format: DFT keeps its end-of-turn token
     assert (cfg.sequence_len, cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (256, 2, 2)
     schedule = (cfg.max_steps, cfg.learning_rate, cfg.logging_steps, cfg.save_steps)
     assert schedule == (30, 2e-4, 1, 10)

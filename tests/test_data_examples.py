@@ -28,6 +28,11 @@ def test_gsm_rows_end_with_answer_and_splits_are_disjoint():
     for row in train + test:
         assert set(row) >= {"instruction", "input", "output"}
         assert re.search(r"\n#### -?[\d.]+$", row["output"])
+        # the same exchange as chat messages, for `type: chat_template` (the quickstart's format)
+        assert row["messages"] == [
+            {"role": "user", "content": row["instruction"]},
+            {"role": "assistant", "content": row["output"]},
+        ]
     for row in test:
         assert row["output"].endswith(f"#### {row['answer']}")
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
