@@ -104,24 +104,7 @@ def _fused_forward(
     """Patched `*ForCausalLM.forward`: the objective from hidden states when labels are given."""
     state: PatchState = getattr(self, PATCH_ATTR)
     shift_labels = kwargs.pop("shift_labels", None)
-    if labels is None and shift_labels is None:
-        return state.original_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_position=cache_position,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    token_weights = kwargs.pop("token_weights", None)
-    outputs = self.get_decoder()(
+    decoder_inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -129,19 +112,24 @@ def _fused_forward(
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         cache_position=cache_position,
-        **kwargs,
     )
-    hidden = outputs[0]
+    if labels is None and shift_labels is None:
+        return state.original_forward(**decoder_inputs, logits_to_keep=logits_to_keep, **kwargs)
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    token_weights = kwargs.pop("token_weights", None)
+    decoder_inputs.update(kwargs)
+    outputs = self.get_decoder()(**decoder_inputs)
     weight, bias = head_weight_and_bias(self.get_output_embeddings())
     plan = state.plan_train if self.training else state.plan_eval
     ref_hidden = None
     if "ref_logits" in plan.spec.needs:
-        ref_hidden = reference_hidden_states(
-            self, input_ids, attention_mask, position_ids, inputs_embeds, cache_position, kwargs
-        )
+        ref_hidden = reference_hidden_states(self, decoder_inputs)
     loss = fused_loss_from_plan(
         plan,
-        hidden,
+        outputs[0],
         weight,
         shift_labels if shift_labels is not None else labels,
         num_items_in_batch=num_items_in_batch,
@@ -159,15 +147,7 @@ def _fused_forward(
     )
 
 
-def reference_hidden_states(
-    causal_lm: nn.Module,
-    input_ids: Any,
-    attention_mask: Any,
-    position_ids: Any,
-    inputs_embeds: Any,
-    cache_position: Any,
-    kwargs: dict[str, Any],
-) -> torch.Tensor:
+def reference_hidden_states(causal_lm: nn.Module, decoder_inputs: dict[str, Any]) -> torch.Tensor:
     """Final hidden states of the frozen base model: the same weights with adapters disabled.
 
     Under LoRA the anchor costs a second forward without gradients and no copy of the weights.
@@ -185,15 +165,10 @@ def reference_hidden_states(
         for layer in layers:
             layer.enable_adapters(False)
         with torch.no_grad():
-            out = causal_lm.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds.detach(),
-                use_cache=False,
-                cache_position=cache_position,
-                **kwargs,
-            )
+            inputs = dict(decoder_inputs, use_cache=False, past_key_values=None)
+            if inputs.get("inputs_embeds") is not None:
+                inputs["inputs_embeds"] = inputs["inputs_embeds"].detach()
+            out = causal_lm.get_decoder()(**inputs)
     finally:
         for layer, was_disabled in zip(layers, previous):
             layer.enable_adapters(not was_disabled)
