@@ -35,7 +35,8 @@ PY
 }
 
 dft_peft_here() {
-    "$VENV/bin/python" - "$REPO" <<'PY' >/dev/null 2>&1
+    # From /, so that the checkout in the current directory cannot stand in for an install.
+    (cd / && "$VENV/bin/python" - "$REPO") <<'PY' >/dev/null 2>&1
 import sys, pathlib, importlib.util
 spec = importlib.util.find_spec("dft_peft")
 locations = [pathlib.Path(p).resolve() for p in spec.submodule_search_locations]
