@@ -227,11 +227,24 @@ class _FusedLinearLossFn(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        scale = grad_output.to(grad_h.dtype if grad_h is not None else torch.float32)
-        out_h = None if grad_h is None else (grad_h * scale).to(h_dtype)
-        out_w = None if grad_w is None else (grad_w * scale).to(w_dtype)
-        out_b = None if grad_b is None else (grad_b * scale).to(b_dtype)
-        return out_h, out_w, out_b, None, None, None, None
+        return (
+            _scaled(grad_h, grad_output, h_dtype),
+            _scaled(grad_w, grad_output, w_dtype),
+            _scaled(grad_b, grad_output, b_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _scaled(grad: torch.Tensor | None, grad_output: torch.Tensor, dtype: torch.dtype | None):
+    """grad * grad_output in place (each stored gradient is used once): no second copy of a
+    [vocab, hidden] head gradient, which for Llama-3-8B is 2 GB in fp32."""
+    if grad is None:
+        return None
+    grad.mul_(grad_output.to(grad.dtype))
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def shifted_valid_rows(
