@@ -11,12 +11,11 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import _script as console_script
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -38,13 +37,7 @@ def script() -> str:
     reason = _requirements()
     if reason:
         pytest.skip(reason)
-    found = Path(sys.executable).with_name("dft-peft")
-    if found.is_file():
-        return str(found)
-    which = shutil.which("dft-peft")
-    if which is None:
-        pytest.skip("the dft-peft console script is not installed (pip install -e .)")
-    return which
+    return console_script()
 
 
 def _run(script: str, *argv, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
