@@ -245,12 +245,9 @@ class DFTPlugin(BasePlugin):
         # (gradient accumulation then averages over all target tokens of the step).
         if hasattr(trainer, "model_accepts_loss_kwargs") and not trainer.model_accepts_loss_kwargs:
             trainer.model_accepts_loss_kwargs = True
-        try:
-            from dft_peft.metrics import install_metrics_callback
-        except ImportError:
-            LOG.debug("dft-peft: dft_peft.metrics not available; logging the objective only")
-        else:
-            install_metrics_callback(trainer)
+        from dft_peft.metrics import install_metrics_callback
+
+        install_metrics_callback(trainer)
 
 
 __all__ = ["DFTPlugin", "DFTArgs", "check_config", "loss_settings", "fighting_settings"]
