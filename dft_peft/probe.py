@@ -129,15 +129,15 @@ def target_logprobs(
     The decoder runs a right-padded batch; only positions whose (shifted) label is a target are
     projected through the LM head, `chunk_rows` of them at a time, in fp32.
     """
-    from dft_peft.losses.fused import LogitTransform, shifted_valid_rows
+    from dft_peft.losses.fused import HeadProjector, LogitTransform, compute_dtype, shifted_valid_rows
+    from dft_peft.losses.objectives import target_logprobs as chunk_target_logprobs
     from dft_peft.losses.patch import causal_lm_of, head_weight_and_bias
 
     lm = causal_lm_of(model)
     decoder = lm.get_decoder()
     weight, bias = head_weight_and_bias(lm.get_output_embeddings())
-    cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    weight_c = weight.to(cdtype)
-    bias_c = None if bias is None else bias.to(cdtype)
+    # fp32 logits without an fp32 copy of a bf16 head on CUDA, as in training
+    head = HeadProjector(weight, bias, compute_dtype(weight.dtype))
     transform = LogitTransform.from_config(lm.config)
     device = weight.device
     per_chunk = chunk_rows or max(8, CHUNK_ELEMENTS // max(weight.shape[0], 1))
@@ -151,13 +151,9 @@ def target_logprobs(
         positions, targets = shifted_valid_rows(labels.to(device), IGNORE_INDEX, True)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         for s in range(0, hidden.shape[0], per_chunk):
-            h = hidden[s : s + per_chunk].to(cdtype)
-            logits = h @ weight_c.t()
-            if bias_c is not None:
-                logits = logits + bias_c
-            logits = transform(logits)
+            logits = transform(head.logits(hidden[s : s + per_chunk]))
             t = targets[s : s + per_chunk]
-            lp = logits.gather(1, t.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            lp = chunk_target_logprobs(logits, t)
             out_lp.append(lp.double().cpu().numpy())
             out_ids.append(t.cpu().numpy())
         del hidden

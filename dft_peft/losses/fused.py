@@ -148,7 +148,7 @@ def _logp_objective_chunk(
     return total.detach(), grad
 
 
-class _Projector:
+class HeadProjector:
     """h @ W.T (+ b) in fp32 without an fp32 copy of a bf16/fp16 head where the device allows.
 
     CUDA's `torch.mm(..., out_dtype=float32)` accumulates and returns fp32 from bf16 operands.
@@ -189,7 +189,7 @@ class _FusedLinearLossFn(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         want_grad = need_h or need_w or need_b
         cdtype = compute_dtype(hidden.dtype)
-        proj = _Projector(weight, bias, cdtype)
+        proj = HeadProjector(weight, bias, cdtype)
         grad_h = torch.empty(hidden.shape, dtype=cdtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if need_b else None

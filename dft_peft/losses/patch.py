@@ -13,6 +13,7 @@ logit scaling / soft-capping in the config, so one generic forward covers them a
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,18 +55,26 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return inner
 
 
+@functools.cache
+def _peft_head_wrappers() -> tuple[Any, Any]:
+    """peft's LoRA layer and modules_to_save wrapper classes, or () each without peft.
+
+    Resolved once: the head is looked up on every forward pass."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:  # peft missing: plain heads only
+        return (), ()
+    return LoraLayer, ModulesToSaveWrapper
+
+
 def head_weight_and_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The effective weight and bias of the LM head, through peft's wrappers.
 
     `lora_modules_to_save: [lm_head]` wraps it in a ModulesToSaveWrapper (a trainable copy); a
     LoRA on the head adds `scaling * B @ A` (dropout on the head's input is not applied here).
     """
-    try:
-        from peft.tuners.lora import LoraLayer
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:  # peft missing: plain heads only
-        LoraLayer = ModulesToSaveWrapper = ()  # type: ignore[assignment]
-
+    LoraLayer, ModulesToSaveWrapper = _peft_head_wrappers()
     if ModulesToSaveWrapper and isinstance(head, ModulesToSaveWrapper):
         if getattr(head, "disable_adapters", False) or not head.active_adapters:
             return head_weight_and_bias(head.original_module)
