@@ -1,0 +1,101 @@
+"""Fold Axolotl's alternative spellings of a key into the one field dft-peft keeps.
+
+Axolotl accepts several names for some settings (old boolean attention switches, internal field
+names, `bnb_config_kwargs`); a config written with any of them must mean the same here.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+# Axolotl's older boolean attention switches, mapped to `attn_implementation` as Axolotl does.
+LEGACY_ATTENTION_FLAGS = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "eager_attention": "eager",
+}
+
+# Axolotl's internal field names, which it also accepts as keys (populate_by_name).
+KEY_ALIASES = {"type_of_model": "model_type", "revision_of_model": "model_revision"}
+
+# Axolotl's `bnb_config_kwargs` entries that have a dft-peft key.
+BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+
+# Keys accepted on input and folded into other fields by `Config._normalize_inputs`.
+INPUT_ONLY_KEYS = frozenset(LEGACY_ATTENTION_FLAGS) | frozenset(KEY_ALIASES) | {"bnb_config_kwargs"}
+
+
+def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
+    """Fold Axolotl's alternative spellings into our fields and let `key:` (null) mean unset."""
+    if not isinstance(data, Mapping):
+        return data
+    data = dict(data)
+    for old, new in KEY_ALIASES.items():
+        if old in data:
+            value = data.pop(old)
+            if data.get(new) is not None and value is not None and data[new] != value:
+                raise ValueError(f"`{old}` and `{new}` are one setting; keep only `{new}`.")
+            if value is not None:
+                data[new] = value
+    fold_legacy_attention(data)
+    fold_bnb_kwargs(data)
+    if data.get("chat_template_jinja") and not data.get("chat_template"):
+        data["chat_template"] = "jinja"  # Axolotl does the same
+    # An empty `key:` means "not set" in Axolotl files: use our default where null is no value.
+    for key in [k for k, v in data.items() if v is None]:
+        field = model_fields.get(key)
+        if field is not None and not accepts_none(field.annotation):
+            del data[key]
+    return data
+
+
+def fold_legacy_attention(data: dict[str, Any]) -> None:
+    chosen = data.get("attn_implementation")
+    flags = []
+    for flag, impl in LEGACY_ATTENTION_FLAGS.items():
+        value = data.pop(flag, None)
+        if value is None or value is False:
+            continue
+        if value is not True:
+            raise ValueError(f"`{flag}` must be true or false (got {value!r}).")
+        flags.append((flag, impl))
+    if len(flags) > 1:
+        names = " and ".join(f"`{f}`" for f, _ in flags)
+        raise ValueError(f"{names} are both set; keep one (or use `attn_implementation`).")
+    if flags:
+        flag, impl = flags[0]
+        if chosen is not None and chosen != impl:
+            raise ValueError(
+                f"`{flag}: true` means `attn_implementation: {impl}`, which conflicts with "
+                f"`attn_implementation: {chosen}`; keep only `attn_implementation`."
+            )
+        data["attn_implementation"] = impl
+
+
+def fold_bnb_kwargs(data: dict[str, Any]) -> None:
+    kwargs = data.pop("bnb_config_kwargs", None)
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"`bnb_config_kwargs` must be a mapping (got {kwargs!r}).")
+    for key, value in kwargs.items():
+        if key not in BNB_KWARGS:
+            raise ValueError(
+                f"`bnb_config_kwargs.{key}` is not supported by dft-peft; supported: "
+                f"{', '.join(BNB_KWARGS)}."
+            )
+        if data.get(key) is not None and data[key] != value:
+            raise ValueError(
+                f"`{key}` is set both at the top level and in `bnb_config_kwargs` with "
+                f"different values; keep one."
+            )
+        data[key] = value
+
+
+def accepts_none(annotation: Any) -> bool:
+    """Whether a field's type includes None (so an empty `key:` is a value, not "unset")."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    return type(None) in typing.get_args(annotation)

@@ -1,0 +1,342 @@
+"""Load and validate an Axolotl-style YAML config.
+
+The product promise is that a hobbyist adds `loss: dft` to the Axolotl QLoRA config they already
+have and it runs. So key names, defaults and meanings follow Axolotl's schema
+(`axolotl/utils/schemas/*.py`), and no key is ever silently dropped:
+
+* a key that is neither ours nor Axolotl's (a typo) is an error that suggests the closest key;
+* an Axolotl key dft-peft does not implement (`deepspeed`, `rl`, `unsloth_*`, ...) is an error,
+  or with `strict: false` a warning naming it. Left empty or off (`deepspeed:`, `group_by_length:
+  false`), as Axolotl's own example files do, it changes nothing and is accepted quietly;
+* objective parameters (`dft_alpha`, ...) sit at the top level and are checked against the loss
+  registry, so a parameter of another objective is an error that names its loss.
+
+Every problem is a `UserError` with one line naming the file and key and saying what to do.
+
+Where we deliberately differ from Axolotl:
+
+* `strict` (Axolotl: "allow CLI overrides", default false) means here "unsupported Axolotl keys
+  are errors" and defaults to true. Axolotl's examples carry `strict: false`, so their configs get
+  warnings rather than errors, which is what their author would want.
+* `adapter` is required (lora or qlora): full fine-tuning is out of scope.
+* `optimizer` defaults to `adamw_torch` (Axolotl: `adamw_torch_fused`), which works on every
+  device; `seed` defaults to 42, the value transformers uses when Axolotl leaves it unset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from dft_peft.config.axolotl_keys import CHAT_TEMPLATES
+from dft_peft.config.checks import check_consistency
+from dft_peft.config.normalize import normalize_inputs
+from dft_peft.data.spec import DatasetConfig
+from dft_peft.errors import did_you_mean
+
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
+]
+Scheduler = Literal["cosine", "linear", "constant"]
+AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+Reporter = Literal["tensorboard", "wandb", "none"]
+
+# transformers' OptimizerNames spells the bitsandbytes AdamW two ways; keep one.
+OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_bnb_8bit"}
+
+
+class SpecialTokens(BaseModel):
+    """Axolotl's `special_tokens:` block: tokens to set (or add) on the tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    additional_special_tokens: list[str] | None = None
+
+
+class Config(BaseModel):
+    """A validated run configuration; field names, defaults and meanings follow Axolotl.
+
+    Build one with `load_config(path)` (or `Config.from_dict(mapping)`): they also run the
+    unknown-key checks, resolve relative paths and validate the objective's parameters, which
+    plain `Config(...)` does not.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model ---------------------------------------------------------------------------------
+    base_model: str = Field(description="Hub id, local folder, or pkg://<package>/<file>.gguf.")
+    base_model_config: str | None = None
+    tokenizer_config: str | None = None
+    model_type: str | None = Field(default=None, description="e.g. AutoModelForCausalLM")
+    tokenizer_type: str | None = Field(default=None, description="e.g. AutoTokenizer")
+    model_revision: str | None = None
+    trust_remote_code: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    attn_implementation: AttnImplementation | None = Field(
+        default=None, description="None: the transformers default for the model (usually sdpa)."
+    )
+
+    # --- adapter -------------------------------------------------------------------------------
+    adapter: Literal["lora", "qlora"] | None = None
+    lora_model_dir: str | None = None
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_linear: bool | None = None
+    lora_modules_to_save: list[str] | None = None
+
+    # --- objective -----------------------------------------------------------------------------
+    loss: str = Field(default="sft", description="Objective in the loss registry (sft, dft, ...).")
+
+    # --- data ----------------------------------------------------------------------------------
+    datasets: list[DatasetConfig]
+    test_datasets: list[DatasetConfig] | None = None
+    dataset_prepared_path: str | None = None
+    val_set_size: float = Field(default=0.0, ge=0.0)
+    sequence_len: int = Field(default=512, ge=8)
+    sample_packing: bool = False
+    pad_to_sequence_len: bool | None = Field(
+        default=None, description="None: follow sample_packing (Axolotl's default)."
+    )
+    train_on_inputs: bool = False
+    excess_length_strategy: Literal["drop", "truncate"] = "drop"
+    special_tokens: SpecialTokens | None = None
+    tokens: list[str] | None = None
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+
+    # --- optimisation --------------------------------------------------------------------------
+    micro_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    num_epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1)
+    optimizer: Optimizer = "adamw_torch"
+    adam_beta1: float | None = Field(default=None, ge=0.0, lt=1.0)
+    adam_beta2: float | None = Field(default=None, ge=0.0, lt=1.0)
+    adam_epsilon: float | None = Field(default=None, gt=0.0)
+    lr_scheduler: Scheduler = "cosine"
+    learning_rate: float = Field(gt=0.0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=None, ge=0.0)
+    seed: int = 42
+
+    # --- precision and memory ------------------------------------------------------------------
+    bf16: bool | Literal["auto"] | None = Field(
+        default="auto", description="auto: bf16 where the GPU supports it; null counts as false."
+    )
+    fp16: bool | None = None
+    tf32: bool | Literal["auto"] | None = None
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+
+    # --- checkpoints, logging, evaluation ------------------------------------------------------
+    output_dir: str = "./model-out"
+    logging_steps: int | None = Field(default=None, ge=1)
+    save_steps: int | float | None = None
+    saves_per_epoch: int | None = Field(default=None, ge=1)
+    eval_steps: int | float | None = None
+    evals_per_epoch: int | None = Field(default=None, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    resume_from_checkpoint: str | None = None
+    auto_resume_from_checkpoints: bool | None = None
+
+    # --- trackers ------------------------------------------------------------------------------
+    report_to: list[Reporter] | None = None
+    use_tensorboard: bool | None = None
+    use_wandb: bool | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: str | None = None
+    wandb_run_id: str | None = None
+    wandb_watch: str | None = None
+    wandb_log_model: str | None = None
+
+    # --- misc ----------------------------------------------------------------------------------
+    plugins: list[str] | None = None
+    strict: bool = Field(
+        default=True, description="false: unsupported Axolotl keys warn instead of failing."
+    )
+
+    _source: Path | None = PrivateAttr(default=None)
+    _loss_params: dict[str, Any] | None = PrivateAttr(default=None)
+    _ignored: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------- inputs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize_inputs(cls, data: Any) -> Any:
+        return normalize_inputs(data, cls.model_fields)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_alias(cls, value: Any) -> Any:
+        return OPTIMIZER_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("bf16", "tf32", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _plain_checkpointing(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in ("offload", "offload_disk", "unsloth"):
+            raise ValueError(
+                f"must be true or false (Axolotl's `{value}` mode is not supported by dft-peft)"
+            )
+        return value
+
+    @field_validator("save_steps", "eval_steps", mode="before")
+    @classmethod
+    def _steps_or_fraction(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        problem = "must be a number of steps, or a fraction of the run below 1"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(problem)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(problem) from None
+        if number <= 0:
+            raise ValueError("must be positive")
+        return int(number) if number >= 1 and number == int(number) else number
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _target_modules(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]) or a regex")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("datasets")
+    @classmethod
+    def _at_least_one_dataset(cls, value: list[DatasetConfig]) -> list[DatasetConfig]:
+        if not value:
+            raise ValueError(
+                "must list at least one dataset, e.g. `- path: data/train.jsonl` + `type: alpaca`"
+            )
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        if value is None or value in CHAT_TEMPLATES:
+            return value
+        fallback = value.removeprefix("tokenizer_default_fallback_")
+        if fallback != value and fallback in CHAT_TEMPLATES:
+            return value
+        raise ValueError(
+            f"unknown chat template `{value}`: use a name such as chatml, llama3, qwen_25 or "
+            f"tokenizer_default, or put a Jinja template in `chat_template_jinja`."
+            + did_you_mean(value, CHAT_TEMPLATES)
+        )
+
+    # ----------------------------------------------------------------------------- consistency
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        check_consistency(self)
+        if self.pad_to_sequence_len is None:
+            self.pad_to_sequence_len = self.sample_packing
+        return self
+
+    # ------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str | Path = "config",
+        base_dir: str | Path | None = None,
+        overrides: list[str] | Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Validate a parsed YAML mapping: key checks, path resolution, objective parameters."""
+        from dft_peft.config.load import build_config
+
+        return build_config(data, source=source, base_dir=base_dir, overrides=overrides)
+
+    # -------------------------------------------------------------------------------- queries
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The chosen objective's parameters, defaults filled in (e.g. {"dft_alpha": 1.0})."""
+        if self._loss_params is None:
+            from dft_peft.losses.registry import validate_loss_params
+
+            self._loss_params = validate_loss_params(self.loss, {})
+        return dict(self._loss_params)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this config came from (None when built from a dict)."""
+        return self._source
+
+    @property
+    def ignored_keys(self) -> dict[str, str]:
+        """Axolotl keys that were accepted without effect, each with the reason."""
+        return dict(self._ignored)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Sequences per optimizer step on one device."""
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+    def reporters(self) -> list[str]:
+        """Trackers to log to: `report_to` if given, else derived the way Axolotl does.
+
+        Axolotl turns wandb on when `wandb_project` is set (or `use_wandb: true`) and
+        tensorboard with `use_tensorboard: true`.
+        """
+        if self.report_to is not None:
+            return [r for r in self.report_to if r != "none"]
+        found = []
+        if self.use_wandb or (self.use_wandb is None and self.wandb_project):
+            found.append("wandb")
+        if self.use_tensorboard:
+            found.append("tensorboard")
+        return found
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data; `load_config` of it gives the same run."""
+        out: dict[str, Any] = {}
+        dumped = self.model_dump(mode="json")
+        for key, value in dumped.items():
+            if key in ("datasets", "test_datasets") and value is not None:
+                value = [ds.model_dump(mode="json", exclude_none=True) for ds in getattr(self, key)]
+            elif key == "special_tokens" and value is not None:
+                value = {k: v for k, v in value.items() if v is not None}
+            out[key] = value
+            if key == "loss":
+                out.update(self.loss_kwargs())
+        return out
+
+    def describe(self) -> str:
+        """A human-readable summary plus the full resolved config, for `dft-peft validate`."""
+        from dft_peft.config.describe import describe
+
+        return describe(self)
