@@ -1,4 +1,4 @@
-"""`dft-peft train | validate | preprocess | merge-lora | generate | inspect | eval`.
+"""`dft-peft train | validate | preprocess | merge-lora | export | generate | inspect | eval | compare`.
 
 Bad input (a mistyped key, a missing file, a row without its field, a config that does not fit
 in memory) is one line on stderr and exit code 2; `--debug` shows the traceback as well.
@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,18 +28,73 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)  # before the heavy imports: a config error answers in a second
     from dft_peft.train import train
 
-    result = train(cfg)
-    print(f"done: {result.global_step} steps; adapter saved to {result.output_dir}")
+    from dft_peft.distributed import is_main_process
+
+    result = train(cfg, overwrite=getattr(args, "overwrite", False))
+    if is_main_process():  # under torchrun / accelerate launch, once
+        print(f"done: {result.global_step} steps; adapter saved to {result.output_dir}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from dft_peft.dry_run import describe_run
 
+    from dft_peft.config.checks import check_paths
+    from dft_peft.run_identity import check_run_folder
+
     cfg = _config(args)
+    gpu_memory = _gpu_memory(args)  # a bad --gpu-memory answers before the slow parts
+    check_paths(cfg)  # what train would refuse about paths and output_dir, before anything else
+    check_run_folder(cfg)
+    run = describe_run(cfg)  # every error comes first, before the long resolved config
     print(cfg.describe())
     print()
-    print(describe_run(cfg))
+    print(run)
+    _print_memory_plan(cfg, gpu_memory)
+    if getattr(args, "prior", False):
+        _print_prior_check(cfg)
+    return 0
+
+
+def _gpu_memory(args: argparse.Namespace) -> int | None:
+    from dft_peft.planner import parse_memory
+
+    text = getattr(args, "gpu_memory", None)
+    return parse_memory(text) if text else None
+
+
+def _print_memory_plan(cfg, gpu_memory: int | None) -> None:
+    """`validate`: the estimated peak GPU memory, part by part, and the longest sequence_len that fits."""
+    from dft_peft import planner
+
+    print()
+    try:
+        print(planner.memory_report(cfg, gpu_memory))
+    except UserError as exc:
+        print(f"# will it fit\nnot estimated: {exc}")
+
+
+def _print_prior_check(cfg) -> None:
+    """`validate --prior`: the base model's prior on a sample of the training rows (loads the model)."""
+    from dft_peft.prior import validate_prior
+
+    print()
+    print(validate_prior(cfg).text())
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dft_peft.compare import compare
+
+    report = compare(
+        args.config,
+        args.losses,
+        eval_dataset=args.eval_dataset,
+        overrides=args.overrides,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print(report.table())
     return 0
 
 
@@ -49,7 +105,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if not cfg.dataset_prepared_path:
         cfg = cfg.model_copy(update={"dataset_prepared_path": str(Path(cfg.output_dir) / "prepared")})
-    tokenizer = modeling.load_tokenizer(cfg, modeling.resolve_model_path(cfg.base_model, cfg.model_revision))
+    tokenizer = modeling.load_tokenizer(cfg, modeling.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file))
     data = prepare_data(cfg, tokenizer)
     print(data.summary())
     print(f"prepared data cached under {cfg.dataset_prepared_path}")
@@ -57,16 +113,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from dft_peft.modeling import load_for_inference
+    from dft_peft.export import merge_lora
 
     cfg = _config(args)
-    adapter = args.adapter or cfg.output_dir
-    out = Path(args.out or Path(cfg.output_dir) / "merged")
-    model, tokenizer = load_for_inference(cfg, adapter)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    out = merge_lora(cfg, args.adapter, args.out)
     print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dft_peft.export import export_gguf
+
+    cfg = _config(args)
+    result = export_gguf(cfg, adapter=args.adapter, out=args.out, quant=args.quant)
+    print(result.summary())
     return 0
 
 
@@ -142,8 +202,25 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (usage block + message) as the one `dft-peft: error:` line, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import re
+
+        hint = ""
+        bad = re.search(r"invalid choice: '([^']+)'", message)
+        if bad:
+            from dft_peft.errors import did_you_mean
+
+            choices = re.findall(r"'([^']+)'", message.split("choose from", 1)[-1])
+            hint = did_you_mean(bad.group(1), choices)
+        print(f"dft-peft: error: {self.prog}: {message}{hint} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dft-peft", description="Dynamic Fine-Tuning for LoRA/QLoRA from Axolotl-style YAML.")
+    parser = OneLineParser(prog="dft-peft", description="Dynamic Fine-Tuning for LoRA/QLoRA from Axolotl-style YAML.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -155,12 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    command("train", cmd_train, "fine-tune with the config (overrides: --key=value)")
-    command("validate", cmd_validate, "check the config and print what the run would do, without training")
+    trn = command("train", cmd_train, "fine-tune with the config (overrides: --key=value)")
+    trn.add_argument("--overwrite", action="store_true", help="output_dir holds another run: move it aside to <output_dir>.old-<time> (nothing is deleted)")
+    validate = command("validate", cmd_validate, "check the config and print what the run would do, without training")
+    validate.add_argument("--prior", action="store_true", help="also run the prior check: does the base model's prior on the data suit DFT? (loads the model)")
+    validate.add_argument("--gpu-memory", metavar="SIZE", help="plan for a card of this size, e.g. 16GB (GB = GiB; default: this machine's CUDA card, else 16 and 24 GiB)")
+    cmp = command("compare", cmd_compare, "train several objectives from the same config and rows, evaluate them side by side")
+    cmp.add_argument("--losses", required=True, help="variants, e.g. sft,dft,dft_alpha=0.5 (each into output_dir/<variant>)")
+    cmp.add_argument("--eval-dataset", help="held-out problems for answer accuracy (as `dft-peft eval --dataset`)")
+    cmp.add_argument("--limit", type=int, help="evaluate the first N problems")
+    cmp.add_argument("--max-new-tokens", type=int, default=256)
+    cmp.add_argument("--batch-size", type=int, default=8)
     command("preprocess", cmd_preprocess, "tokenize the datasets into dataset_prepared_path")
     merge = command("merge-lora", cmd_merge_lora, "merge the trained adapter into a full-precision model")
     merge.add_argument("--adapter", help="adapter folder (default: output_dir)")
     merge.add_argument("--out", help="where to write the merged model (default: output_dir/merged)")
+    export = command("export", cmd_export, "merge the adapter and write a GGUF file for llama.cpp / Ollama, with a Modelfile beside it")
+    export.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf)")
+    export.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="weights in f16 (default) or q8_0")
+    export.add_argument("--adapter", help="adapter folder (default: output_dir)")
+    export.add_argument("--out", help="GGUF file to write (default: output_dir/gguf/<name>-<quant>.gguf)")
     gen = command("generate", cmd_generate, "answer a prompt with the trained adapter")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--adapter", help="adapter folder (default: output_dir)")
@@ -185,46 +276,110 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate the first N problems")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="JSON file for the per-problem records")
+    _note_config_key_clashes(parser)
     return parser
 
 
+CONFIG_PREFIX = "--config."
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate `--key=value` / `--key value` config overrides from the command's own options."""
+    """Separate `--key=value` / `--key value` config overrides from the options of the command run.
+
+    Only the options of the command actually being run are kept back (`eval --seed` is eval's
+    sampling seed, `train --seed` the config's `seed`). `--config.KEY=VALUE` is always a config
+    override, which reaches a key that shares its name with the command's own option.
+    """
     parser = build_parser()
-    own = {opt for action in _all_actions(parser) for opt in action.option_strings}
-    known, overrides = [], []
     items = list(argv)
+    command = next((item for item in items if item in _subparsers(parser)), None)
+    own = _option_strings(parser)
+    if command is not None:
+        own |= _option_strings(_subparsers(parser)[command])
+    known: list[str] = []
+    overrides: list[str] = []
     i = 0
+    seen_command = False
     while i < len(items):
         item = items[i]
-        name = item.split("=", 1)[0]
-        if item.startswith("--") and name not in own:
-            if "=" in item:
-                overrides.append(item[2:])
-            elif i + 1 < len(items) and not items[i + 1].startswith("--"):
-                overrides.append(f"{item[2:]}={items[i + 1]}")
-                i += 1
-            else:
-                overrides.append(f"{item[2:]}=true")
+        seen_command = seen_command or item == command
+        name, sep, value = item.partition("=")
+        own_name = _own_option(name, own)
+        if not item.startswith("--") or item == "--" or not seen_command or own_name and not name.startswith(CONFIG_PREFIX):
+            known.append(own_name + sep + value if own_name else item)
+            i += 1
+            continue
+        key = name[len(CONFIG_PREFIX):] if name.startswith(CONFIG_PREFIX) else name[2:]
+        if sep:
+            overrides.append(f"{key}={value}")
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            overrides.append(f"{key}={items[i + 1]}")
+            i += 1
         else:
-            known.append(item)
+            overrides.append(_bare_flag(item, key))
         i += 1
     return known, overrides
 
 
-def _all_actions(parser: argparse.ArgumentParser):
+def _bare_flag(item: str, key: str) -> str:
+    """`--sample_packing` alone means true for a true/false key; any other key needs a value."""
+    from dft_peft.config import Config
+
+    field = Config.model_fields.get(key.replace("-", "_"))
+    if field is not None and bool in typing.get_args(field.annotation) + (field.annotation,):
+        return f"{key}=true"
+    if field is None:
+        return f"{key}=true"  # an unknown key: the config's key check names it and the closest key
+    raise UserError(f"command-line override `{item}` has no value; write `{item}=VALUE`.")
+
+
+def _own_option(name: str, own: set[str]) -> str:
+    """The command's option `name` refers to (`--max_new_tokens` is `--max-new-tokens`), or ''."""
+    if name in own:
+        return name
+    dashed = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+    return dashed if dashed in own else ""
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
-        yield action
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                yield from sub._actions
+            return dict(action.choices)
+    return {}
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        opt
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        for opt in action.option_strings
+    }
+
+
+def _note_config_key_clashes(parser: argparse.ArgumentParser) -> None:
+    """Say in `--help` where a command's option shares its name with a config key."""
+    from dft_peft.config import Config
+
+    for sub in _subparsers(parser).values():
+        for action in sub._actions:
+            if action.dest in Config.model_fields and action.option_strings and action.help != argparse.SUPPRESS:
+                note = f"this command's option, not the config key `{action.dest}` (set that with {CONFIG_PREFIX}{action.dest}=...)"
+                action.help = f"{action.help}; {note}" if action.help else note
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line (Python's default adds the source line that issued them)."""
+    text = " ".join(str(message).split())
+    if category is UserWarning:
+        return f"dft-peft: warning: {text}\n"
+    return f"warning ({category.__name__}): {text}\n"
 
 
 def _setup_logging() -> None:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    warnings.formatwarning = _one_line_warning
     logging.getLogger("dft_peft").setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # bitsandbytes on an AVX512-bf16 CPU logs at import that `kernels` (which downloads from the
@@ -261,7 +416,13 @@ def _one_line(exc: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, overrides = split_overrides(argv)
+    try:
+        known, overrides = split_overrides(argv)
+    except UserError as exc:
+        if "--debug" in argv:
+            raise
+        print(f"dft-peft: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = build_parser().parse_args(known)
     args.overrides = overrides
     _setup_logging()
@@ -272,8 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         message = _one_line(exc)
-        if message is None or args.debug:
+        if message is None:
             raise
+        if args.debug:  # the traceback, then the same line and exit code as without --debug
+            import traceback
+
+            traceback.print_exc()
         print(f"dft-peft: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -190,6 +190,12 @@ def build_prompt(row: Mapping[str, Any], entry: Any, tokenizer: Any, chat_templa
         if row.get("instruction") is None:
             raise UserError(f"{where}: missing field 'instruction' (the dataset is formatted as type: alpaca)")
         return alpaca_prompt(str(row["instruction"]), None if row.get("input") is None else str(row["input"]))
+    from dft_peft.data.alpaca_styles import ALPACA_STYLE_TYPES, prompt_for
+
+    if entry.type in ALPACA_STYLE_TYPES:  # alpaca:phi, alpaca:chatml, ...: Axolotl's other styles
+        if row.get("instruction") is None:
+            raise UserError(f"{where}: missing field 'instruction' (the dataset is formatted as type: {entry.type})")
+        return prompt_for(entry.type, str(row["instruction"]), None if row.get("input") is None else str(row["input"]))
     if entry.type == "chat_template":
         raw = row.get(entry.field_messages)
         if isinstance(raw, list) and raw:
@@ -225,7 +231,9 @@ def training_prompt(cfg: Any, tokenizer: Any, text: str) -> str:
     """A free-text question formatted like the config's first dataset at training time, so that
     `dft-peft generate` asks in the format the adapter learned (alpaca or the chat template)."""
     entry = cfg.datasets[0]
-    if entry.type not in ("alpaca", "chat_template"):
+    from dft_peft.data.alpaca_styles import ALPACA_STYLE_TYPES
+
+    if entry.type not in ("alpaca", "chat_template") and entry.type not in ALPACA_STYLE_TYPES:
         return text
     template = training_chat_template(cfg, entry, tokenizer)
     return build_prompt({"instruction": text}, entry, tokenizer, template, "--prompt")

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dft_peft.distributed import all_reduce_sum
 from dft_peft.losses.patch import patch_state
 
 # `objective` repeats Trainer's own `loss`; `tokens` is bookkeeping, not a metric.
@@ -28,10 +29,12 @@ class DFTMetricsCallback(TrainerCallback):
         patch = patch_state(self.model)
         if patch is None or logs is None:
             return
+        # Sums and counts are added over all processes before dividing (a no-op in one process):
+        # on_log runs on every rank at the same step, so the reduction lines up.
         if "loss" in logs:
-            stats, prefix = patch.train_stats.pop(), ""
+            stats, prefix = patch.train_stats.pop(all_reduce_sum), ""
         elif "eval_loss" in logs:
-            stats, prefix = patch.eval_stats.pop(), "eval_"
+            stats, prefix = patch.eval_stats.pop(all_reduce_sum), "eval_"
         else:
             return
         extra = {f"{prefix}{k}": round(v, 6) for k, v in stats.items() if k not in _SKIP}

@@ -1,8 +1,8 @@
 """Load the base model and tokenizer, quantize, choose precision and attention, attach LoRA.
 
-Everything here is offline: a hub id is only looked up in the local Hugging Face cache, a GGUF
-file is dequantized once and cached as safetensors, and `trust_remote_code` stays off unless the
-config asks for it.
+A hub id is fetched into the Hugging Face cache by `dft_peft.hub` (HF_HUB_OFFLINE=1: cache only),
+a GGUF file is dequantized once and cached as safetensors, and `trust_remote_code` stays off unless
+the config asks for it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dft_peft import hub
+from dft_peft.config.checks import check_lora_targets_exist, check_model_config
 from dft_peft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,19 +55,10 @@ def _package_file(spec: str) -> Path:
     return path
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """A hub model from the local cache only: no network at run time."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        raise UserError(
-            f"base_model `{repo_id}` is not a local folder or file, and dft-peft does not download "
-            f"(looked in the Hugging Face cache {constants.HF_HUB_CACHE}); download it where the hub "
-            f"is reachable (`huggingface-cli download {repo_id}`) and set base_model to that folder."
-        ) from None
+def _hub_snapshot(repo_id: str, revision: str | None, gguf_file: str | None = None) -> Path:
+    """A hub model in the local Hugging Face cache, downloaded if missing (see `dft_peft.hub`)."""
+    folder = hub.fetch(repo_id, "model", revision=revision, gguf_file=gguf_file)
+    return convert_gguf(folder / gguf_file) if gguf_file else folder
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -109,8 +102,11 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_path(base_model: str, revision: str | None = None) -> Path:
-    """A local folder for `base_model`: a folder, a `.gguf` file, `pkg://...`, or a cached hub id."""
+def resolve_model_path(base_model: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """A local folder for `base_model`: a folder, a `.gguf` file, `pkg://...`, or a hub id
+    (with `gguf_file`: that GGUF file of the folder or hub repo, converted once)."""
+    if gguf_file and Path(base_model).expanduser().is_dir():
+        return resolve_model_path(str(Path(base_model, gguf_file)))
     if base_model.startswith(PKG_SCHEME):
         return convert_gguf(_package_file(base_model))
     path = Path(base_model).expanduser()
@@ -124,7 +120,7 @@ def resolve_model_path(base_model: str, revision: str | None = None) -> Path:
         return path
     if path.exists() or base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:
         raise UserError(f"base_model `{base_model}` not found; check the path.")
-    return _hub_snapshot(base_model, revision)
+    return _hub_snapshot(base_model, revision, gguf_file)
 
 
 # ----------------------------------------------------------------------------- precision
@@ -190,7 +186,7 @@ def load_tokenizer(cfg: Any, model_path: Path):
     """The tokenizer, with a pad token (training pads) and the config's extra tokens."""
     from transformers import AutoTokenizer
 
-    source = cfg.tokenizer_config or model_path
+    source = hub.local_source(cfg, "tokenizer_config") or model_path
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if cfg.special_tokens is not None:
         specials = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
@@ -212,6 +208,9 @@ def quantization_config(cfg: Any, precision: Precision):
             bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=precision.dtype,
+            # FSDP shards parameters of one dtype: 4-bit weights stored as the training dtype
+            # (Axolotl does the same for QLoRA + FSDP). Untested here: needs several GPUs.
+            **({"bnb_4bit_quant_storage": precision.dtype} if cfg.fsdp_config or cfg.fsdp_version else {}),
         )
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -232,7 +231,7 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
     }
     if cfg.base_model_config:
         kwargs["config"] = transformers.AutoConfig.from_pretrained(
-            cfg.base_model_config, trust_remote_code=cfg.trust_remote_code
+            hub.local_source(cfg, "base_model_config"), trust_remote_code=cfg.trust_remote_code
         )
     attention = resolve_attention(cfg.attn_implementation)
     if attention:
@@ -243,6 +242,9 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # training; generation turns it back on per call
+    from dft_peft.liger import apply_liger_kernels
+
+    apply_liger_kernels(model, cfg)  # liger_rms_norm, ...: same functions, fused kernels
     return model
 
 
@@ -280,13 +282,20 @@ def attach_adapter(model: Any, cfg: Any):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
+    if cfg.gradient_checkpointing == "offload":
+        from dft_peft.offload import offload_checkpointed_inputs
+
+        offload_checkpointed_inputs(model)
     if cfg.lora_model_dir:
-        if not Path(cfg.lora_model_dir, "adapter_config.json").is_file():
+        adapter_dir = hub.local_source(cfg, "lora_model_dir")
+        if not Path(adapter_dir, "adapter_config.json").is_file():
             raise UserError(f"lora_model_dir `{cfg.lora_model_dir}` has no adapter_config.json; point it at a saved adapter.")
-        return peft.PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
+        return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     targets: list[str] = []
     if cfg.lora_target_modules:
         targets = [cfg.lora_target_modules] if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
+    if isinstance(cfg.lora_target_modules, list):
+        check_lora_targets_exist(model, cfg.lora_target_modules)  # peft fails only when none matches
     if cfg.lora_target_linear:
         targets = sorted(set(targets) | set(linear_module_names(model)))
     lora_config = peft.LoraConfig(
@@ -295,12 +304,32 @@ def attach_adapter(model: Any, cfg: Any):
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         modules_to_save=cfg.lora_modules_to_save,
+        use_rslora=bool(getattr(cfg, "peft_use_rslora", False)),
+        fan_in_fan_out=bool(getattr(cfg, "lora_fan_in_fan_out", False)),
         task_type="CAUSAL_LM",
     )
     try:
         return peft.get_peft_model(model, lora_config)
     except ValueError as exc:
         raise UserError(f"lora_target_modules: {exc}".splitlines()[0]) from None
+
+
+def load_model_config(cfg: Any, source: Any):
+    """The model's config (no weights), with a model that ships its own code named as such and
+    the config's limits (sequence_len vs. the position limit) checked before any loading."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserError(
+            f"base_model `{cfg.base_model}` needs its own Python code (trust_remote_code); read that code, "
+            "then set `trust_remote_code: true` if you trust it."
+        ) from None
+    check_model_config(cfg, config)
+    return config
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
@@ -325,7 +354,9 @@ def load_for_inference(cfg: Any, adapter_dir: str | Path | None = None, *, quant
     import peft
 
     precision = resolve_precision(cfg.bf16, False)
-    model_path = resolve_model_path(cfg.base_model, cfg.model_revision)
+    model_path = resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
+    if adapter_dir and not Path(adapter_dir, "adapter_config.json").is_file():  # before minutes of loading
+        raise UserError(f"`{adapter_dir}` holds no adapter (adapter_config.json); train first or pass --adapter DIR.")
     tokenizer_source = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else None
     if tokenizer_source:
         from transformers import AutoTokenizer

@@ -5,5 +5,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/setup-env.sh"
+# The quickstart's model and data are on disk: offline, so nothing waits on the network.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$REPO"
 dft-peft train examples/yaml/quickstart.yml "$@"

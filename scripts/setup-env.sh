@@ -31,4 +31,3 @@ else
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -7,6 +7,8 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/setup-env.sh"
+# The tests never reach the real hub (the hub tests start their own stand-in server).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$REPO"
 AXOLOTL_VENV="${DFT_PEFT_AXOLOTL_VENV:-$REPO/.venv-axolotl}"
 if [ "${DFT_PEFT_SKIP_AXOLOTL:-0}" != 1 ]; then

@@ -19,7 +19,6 @@ import torch
 from tiny_run import alpaca_rows, config_dict, losses, tiny_model_dir, write_jsonl, write_yaml
 
 from dft_peft.cli import EXIT_BAD_INPUT, main
-from dft_peft.errors import UserError
 
 ERROR_PREFIX = "dft-peft: error: "
 
@@ -98,7 +97,7 @@ BAD_INPUTS = {
     "unsupported_axolotl_key": (dict(deepspeed="ds.json"), ["`deepspeed`", "does not support"]),
     "uncached_hub_id": (
         dict(base_model="nobody-here/tiny-model-not-in-cache"),
-        ["nobody-here/tiny-model-not-in-cache", "does not download", "Hugging Face cache"],
+        ["nobody-here/tiny-model-not-in-cache", "HF_HUB_OFFLINE=1", "Hugging Face cache"],  # tests run offline
     ),
 }
 
@@ -149,8 +148,10 @@ def test_fp16_on_cpu(config_file, capsys):
 def test_debug_shows_the_traceback(config_file, capsys, where):
     path = config_file(loss="dtf")
     argv = ["train", str(path), "--debug"] if where == "after" else ["--debug", "train", str(path)]
-    with pytest.raises(UserError, match="Did you mean `dft`"):
-        main(argv)
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2  # the same exit code as without --debug (issue 11), with the traceback first
+    assert "Traceback (most recent call last)" in err and "UserError" in err
+    assert err.strip().splitlines()[-1].startswith(ERROR_PREFIX) and "Did you mean `dft`" in err
 
 
 def test_override_with_unknown_key(config_file, capsys):
@@ -194,7 +195,7 @@ def test_script_debug_prints_the_traceback(config_file, tmp_path):
     assert plain.returncode == 2
     assert_one_error_line(plain.stderr, "Did you mean `learning_rate`?")
     debug = _run_script("--debug", "validate", path, cwd=tmp_path)
-    assert debug.returncode not in (0, 2)
+    assert debug.returncode == 2
     assert "Traceback (most recent call last)" in debug.stderr
     assert "Did you mean `learning_rate`?" in debug.stderr.strip().splitlines()[-1]
 

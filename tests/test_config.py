@@ -441,24 +441,24 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "fsdp: [full_shard]",
         "rl: dpo",
         "dpo_beta: 0.1",
-        "liger_fused_linear_cross_entropy: true",
-        "cut_cross_entropy: true",
-        "unsloth_lora_mlp: true",
+        "relora: true",
+        "unfrozen_parameters: [lm_head.*]",
+        "processor_type: AutoProcessor",
         "relora_steps: 100",
         "lisa_n_layers: 4",
         "neftune_noise_alpha: 5",
         "xformers_attention: true",
         "s2_attention: true",
         "peft_use_dora: true",
-        "peft_use_rslora: true",
+        "reward_model: true",
         "lora_on_cpu: true",
-        "chunked_cross_entropy: true",
+        "flash_attn_fuse_mlp: true",
         "torch_compile: true",
         "ddp_timeout: 3600",
         "hub_model_id: me/model",
         "push_dataset_to_hub: me/data",
         "group_by_length: true",
-        "eval_sample_packing: true",
+        "lora_mlp_kernel: true",
         "save_safetensors: false",
     ],
 )
@@ -497,7 +497,7 @@ def test_harmless_axolotl_keys_are_accepted(tmp_path):
 
 
 def test_axolotl_plugin_is_unsupported(tmp_path):
-    plugin = "axolotl.integrations.liger.LigerPlugin"
+    plugin = "axolotl.integrations.kd.KDPlugin"
     message = load_error(tmp_path, with_lines("plugins:", f"  - {plugin}"))
     assert plugin in message and "strict: false" in message
 
@@ -525,7 +525,7 @@ def test_pydantic_type_error_is_one_friendly_line(tmp_path):
         (("bf16: yes please",), "`bf16`: must be true, false or auto"),
         (("attn_implementation: flash",), "`attn_implementation` must be one of"),
         (("excess_length_strategy: raise",), "`excess_length_strategy` must be one of drop"),
-        (("gradient_checkpointing: offload",), "`gradient_checkpointing`: must be true or false"),
+        (("gradient_checkpointing: unsloth",), "`gradient_checkpointing`: must be true, false or offload"),
         (("sequence_len: 4",), "`sequence_len` must be >= 8 (got 4)"),
         (("micro_batch_size: 0",), "`micro_batch_size` must be >= 1 (got 0)"),
         (("gradient_accumulation_steps: 0",), "`gradient_accumulation_steps` must be >= 1 (got 0)"),

@@ -160,11 +160,14 @@ def test_chat_template_missing_messages_names_row(tmp_path):
         _prepare_chat(tmp_path, [{"messages": CONVO}, {"msgs": CONVO}])
 
 
-def test_chat_template_non_prefix_template_is_reported(tmp_path):
-    # Renders the message count first, so a prefix conversation is not a prefix of the whole.
-    template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(UserError, match="row 1: .*not a prefix"):
-        _prepare_chat(tmp_path, [{"messages": CONVO}], chat_template=template)
+def test_chat_template_non_prefix_template_is_located_in_order(tmp_path):
+    # Renders the message count first, so a prefix conversation is not a prefix of the whole
+    # (Qwen3-style templates do this for earlier turns): the turns are found in order instead.
+    template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    tok, out = _prepare_chat(tmp_path, [{"messages": CONVO}], chat_template=template)
+    row = out.train[0]
+    replies = [m["content"] for m in CONVO if m["role"] == "assistant"]
+    assert trained_text(tok, row["input_ids"], row["labels"]) == "|".join(replies) + "|"
 
 
 def test_named_llama3_and_qwen25_templates(tmp_path):

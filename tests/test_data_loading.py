@@ -69,8 +69,12 @@ def test_ds_type_overrides_unknown_extension(tmp_path):
     assert len(load_raw(DatasetConfig(path=str(path), ds_type="jsonl"))) == 10
 
 
-def test_hub_id_is_reported_as_offline():
-    with pytest.raises(UserError, match="hub id; the hub is unreachable.*download the dataset files"):
+def test_uncached_hub_id_offline_is_one_line(monkeypatch, tmp_path):
+    # The test run has HF_HUB_OFFLINE=1 (scripts/setup-env.sh); downloads are tested in test_hub.py.
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    with pytest.raises(UserError, match="tatsu-lab/alpaca: the hub is unreachable or HF_HUB_OFFLINE=1 is set"):
         load_raw(DatasetConfig(path="tatsu-lab/alpaca"))
 
 
@@ -82,7 +86,7 @@ def test_missing_file_names_path(tmp_path):
 def test_malformed_file_names_path(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "output": \n')
-    with pytest.raises(UserError, match=r"bad\.jsonl: cannot read it as json"):
+    with pytest.raises(UserError, match=r"bad\.jsonl line 1: not valid JSON"):
         load_raw(DatasetConfig(path=str(bad)))
 
 

@@ -1,119 +1,309 @@
-"""Axolotl's key names, sorted by what dft-peft does with them.
+"""Axolotl's key names (generated) and what dft-peft does with each one (kept here by hand).
 
-Pure data, kept apart from the schema in `config.py`: these lists follow Axolotl's schema
-(`axolotl/utils/schemas/*.py`, 0.19) and change when Axolotl does, the schema when we do.
+The names come from `axolotl_keys.json`, which `scripts/gen_axolotl_keys.py` writes from the
+installed Axolotl's own pydantic schema (`AxolotlInputConfig`, its dataset models and the models
+its bundled plugins register); `tests/integration/test_axolotl_keys.py` fails when that file and
+the installed Axolotl disagree. What is decided here, by hand, is the category of each key:
+
+* implemented - a `Config` (or `DatasetConfig`) field: it does what it does in Axolotl;
+* harmless    - accepted with whatever value, because it cannot change what a single-device
+                LoRA run computes (worker counts, bookkeeping, an equivalent kernel), each with
+                the reason `validate` prints;
+* refused     - set to anything but off/Axolotl's default it is an error (a warning with
+                `strict: false`), because ignoring it would change the result; each with its
+                reason.
+
+`tests/test_axolotl_key_table.py` checks that every generated key falls in exactly one category.
 """
 
 from __future__ import annotations
 
-# Chat template names Axolotl knows (schemas/enums.py ChatTemplate), plus
-# `tokenizer_default_fallback_<name>`. Whether a name renders is the data layer's business; here
-# we only catch typos.
-CHAT_TEMPLATES = frozenset(
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+DATA_FILE = Path(__file__).with_name("axolotl_keys.json")
+
+
+@lru_cache(maxsize=1)
+def axolotl_tables() -> dict[str, Any]:
+    """The generated tables (see scripts/gen_axolotl_keys.py)."""
+    return json.loads(DATA_FILE.read_text(encoding="utf-8"))
+
+
+def axolotl_version() -> str:
+    return axolotl_tables()["axolotl_version"]
+
+
+@lru_cache(maxsize=1)
+def plugin_of() -> dict[str, str]:
+    """Plugin key -> the Axolotl plugin (`axolotl.integrations.x.XPlugin`) that adds it."""
+    return {key: path for path, entry in axolotl_tables()["plugins"].items() for key in entry["keys"]}
+
+
+@lru_cache(maxsize=1)
+def axolotl_defaults() -> dict[str, Any]:
+    """Key -> Axolotl's default value (None where it has none), core and plugin keys."""
+    tables = axolotl_tables()
+    out = {k: v["default"] for k, v in tables["config_keys"].items()}
+    for entry in tables["plugins"].values():
+        out.update({k: v["default"] for k, v in entry["keys"].items()})
+    return out
+
+
+@lru_cache(maxsize=1)
+def declared_in() -> dict[str, str]:
+    """Core key -> the class of Axolotl's schema that declares it (LoraConfig, ...)."""
+    return {k: v["in"] for k, v in axolotl_tables()["config_keys"].items()}
+
+
+@lru_cache(maxsize=1)
+def axolotl_aliases() -> dict[str, str]:
+    """Axolotl's alternative spelling -> the field name (`model_config` -> overrides_of_...)."""
+    return {v["alias"]: k for k, v in axolotl_tables()["config_keys"].items() if "alias" in v}
+
+
+@lru_cache(maxsize=1)
+def all_axolotl_keys() -> frozenset[str]:
+    """Every top-level key Axolotl 0.19 knows: core fields, their aliases, plugin keys."""
+    tables = axolotl_tables()
+    return frozenset(tables["config_keys"]) | frozenset(axolotl_aliases()) | frozenset(plugin_of())
+
+
+@lru_cache(maxsize=1)
+def axolotl_dataset_keys() -> dict[str, frozenset[str]]:
+    """Dataset model (SFTDataset, DPODataset, ...) -> its entry keys."""
+    return {name: frozenset(m["keys"]) for name, m in axolotl_tables()["dataset_keys"].items()}
+
+
+@lru_cache(maxsize=1)
+def chat_template_names() -> frozenset[str]:
+    """The names of Axolotl's `ChatTemplate` enum."""
+    return frozenset(axolotl_tables()["chat_templates"])
+
+
+@lru_cache(maxsize=1)
+def dataset_type_names() -> dict[str, str]:
+    """Every dataset `type:` Axolotl resolves -> where Axolotl defines it."""
+    out: dict[str, str] = {}
+    for group in axolotl_tables()["dataset_types"].values():
+        out.update(group)
+    return out
+
+
+def preference_dataset_types() -> dict[str, str]:
+    return dict(axolotl_tables()["dataset_types"]["preference"])
+
+
+def _groups(groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """{reason: keys} -> {key: reason}; a key listed twice is a bug in this table."""
+    out: dict[str, str] = {}
+    for reason, keys in groups.items():
+        for key in keys:
+            assert key not in out, f"{key} categorised twice"
+            out[key] = reason
+    return out
+
+
+# ----------------------------------------------------------------------------- harmless
+
+HARMLESS_KEYS = _groups(
     {
-        "alpaca", "chatml", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken",
-        "gemma", "gemma3", "cohere", "llama3", "llama3_2_vision", "llama4", "phi_3", "phi_35",
-        "deepseek_v2", "deepseek_v3", "jamba", "jinja", "qwen_25", "qwen3", "tokenizer_default",
-        "exaone", "metharme", "pixtral", "llava", "qwen2_vl",
+        "launcher and preprocessing bookkeeping, no effect on the run": (
+            "axolotl_config_path", "local_rank", "world_size", "is_preprocess",
+            "hf_use_auth_token", "is_falcon_derived_model", "is_llama_derived_model",
+            "is_mistral_derived_model", "is_qwen_derived_model", "total_num_tokens",
+            "total_supervised_tokens", "sample_packing_eff_est", "experimental_skip_move_to_device",
+            "low_cpu_mem_usage", "tokenizer_save_jinja_files",
+        ),
+        "worker counts and memory housekeeping: speed, not results": (
+            "dataset_processes", "dataset_num_proc", "dataloader_num_workers",
+            "dataloader_pin_memory", "dataloader_prefetch_factor", "dataset_keep_in_memory",
+            "preprocess_iterable", "gc_steps", "gc_collect_steps", "torch_empty_cache_steps",
+        ),
+        "logging detail only": (
+            "include_tokens_per_second", "include_tkps", "eval_table_size", "eval_max_new_tokens",
+        ),
+        "Axolotl's packing internals (bin sizes, worker start method); dft-peft packs its own way, "
+        "with the same sequences per row": (
+            "sample_packing_group_size", "sample_packing_bin_size", "pretrain_multipack_attn",
+            "pretrain_multipack_buffer_size", "streaming_multipack_buffer_size",
+            "sample_packing_mp_start_method",
+        ),
+        "evaluation rows are packed exactly when training rows are; the eval loss is the same "
+        "per-token mean either way": ("eval_sample_packing",),
+        "dft-peft tokenizes once before training either way; this says when, not what": (
+            "skip_prepare_dataset",
+        ),
+        "order only: the trainer shuffles the merged training rows with `seed` anyway": (
+            "shuffle_merged_datasets", "shuffle_before_merging_datasets",
+        ),
+        "used by `axolotl merge-lora` after training, not by training": ("merge_method",),
+        "only read together with `loraplus_lr_ratio`": ("loraplus_lr_embedding",),
+        "new token embeddings are initialised by transformers' resize either way": (
+            "mean_resizing_embeddings",
+        ),
+        "the fast and slow tokenizers give the same ids; dft-peft uses the fast one": (
+            "tokenizer_use_fast",
+        ),
+        "settings of Axolotl's Gradio inference UI, not used in training": (
+            "gradio_max_new_tokens", "gradio_server_name", "gradio_server_port", "gradio_share",
+            "gradio_temperature", "gradio_title",
+        ),
+        "dft-peft's fused loss already computes the objective chunk by chunk from the hidden "
+        "states without building the full logits (what this kernel is for)": (
+            "cut_cross_entropy", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",
+            "liger_cross_entropy", "liger_fused_linear_cross_entropy", "flash_attn_cross_entropy",
+        ),
+        "a kernel choice for Liger; dft-peft applies Liger's default kernels": (
+            "liger_kernel_impl", "liger_rms_norm_gated",
+        ),
+        "removed from Axolotl before 0.19, which ignores it as well": (
+            "gptq_groupsize", "gptq_model_v1", "xpos_rope", "landmark_attention",
+            "flash_attn_fuse_qkv", "debug", "unsloth_cross_entropy_loss", "unsloth_lora_mlp",
+            "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_rms_norm", "unsloth_rope",
+        ),
     }
 )
 
-# Axolotl keys that do not change what dft-peft trains (launcher bookkeeping, worker counts,
-# Axolotl-internal flags): accepted whatever their value and listed by `describe()`.
-AXOLOTL_HARMLESS_KEYS = frozenset(
+# ----------------------------------------------------------------------------- refused
+
+REFUSED_KEYS = _groups(
     {
-        "hf_use_auth_token", "local_rank", "world_size", "axolotl_config_path",
-        "is_falcon_derived_model", "is_llama_derived_model", "is_mistral_derived_model",
-        "is_qwen_derived_model", "dataset_processes", "dataset_num_proc", "dataloader_num_workers",
-        "dataloader_pin_memory", "dataloader_prefetch_factor", "include_tokens_per_second",
-        "include_tkps", "eval_table_size", "eval_max_new_tokens", "gc_steps", "low_cpu_mem_usage",
-        "experimental_skip_move_to_device", "tokenizer_save_jinja_files", "tokenizer_use_fast",
-        "merge_method", "loraplus_lr_embedding", "sample_packing_group_size",
-        "sample_packing_bin_size", "pretrain_multipack_attn", "pretrain_multipack_buffer_size",
-        "streaming_multipack_buffer_size", "mean_resizing_embeddings", "shuffle_merged_datasets",
-        "is_preprocess", "preprocess_iterable", "total_num_tokens", "total_supervised_tokens",
-        "sample_packing_eff_est",
+        "dft-peft trains on one device per process (DDP through torchrun/accelerate only)": (
+            "deepspeed", "deepcompile", "fsdp", "fsdp_final_state_dict_type",
+            "ddp", "ddp_broadcast_buffers", "ddp_bucket_cap_mb",
+            "ddp_find_unused_parameters", "ddp_timeout", "device", "device_map", "max_memory",
+            "gpu_memory_limit", "sequence_parallel_degree", "context_parallel_size",
+            "heads_k_stride", "ring_attn_func", "tensor_parallel_size", "dp_shard_size",
+            "dp_replicate_size", "accelerator_config", "fp8_enable_fsdp_float8_all_gather",
+            "use_ray", "ray_num_workers", "ray_run_name", "resources_per_worker",
+            "expert_parallel_backend", "expert_parallel_fallback_on_unsupported",
+            "expert_parallel_num_nvl_bytes", "expert_parallel_num_rdma_bytes",
+            "expert_parallel_size", "expert_parallel_token_capacity",
+        ),
+        "dft-peft does supervised fine-tuning; choose the objective with `loss:` (RL, reward "
+        "models and preference training are out of scope)": (
+            "rl", "trl", "vllm", "ebft", "rl_beta", "reward_model", "process_reward_model",
+            "num_labels", "center_rewards_coefficient", "precompute_ref_log_probs",
+            "max_prompt_len", "cpo_alpha", "dpo_beta", "dpo_generate_during_eval",
+            "dpo_label_smoothing", "dpo_loss_type", "dpo_loss_weights", "dpo_norm_loss",
+            "dpo_padding_free", "dpo_use_liger_kernel", "dpo_use_logits_to_keep",
+            "dpo_use_weighting", "kto_desirable_weight", "kto_undesirable_weight", "orpo_alpha",
+            "rpo_alpha", "simpo_gamma", "nemo_gym_auto_clone", "nemo_gym_auto_start",
+            "nemo_gym_config_paths", "nemo_gym_datasets", "nemo_gym_dir", "nemo_gym_enabled",
+            "nemo_gym_head_port", "nemo_gym_max_turns", "nemo_gym_model_name",
+            "nemo_gym_multi_turn", "nemo_gym_run_timeout", "nemo_gym_server_timeout",
+            "nemo_gym_verify_timeout",
+        ),
+        "another training objective or trainer than the `loss:` dft-peft computes": (
+            "trainer_cls", "neftune_noise_alpha",
+            "noisy_embedding_alpha", "kd_alpha", "kd_beta", "kd_ce_alpha", "kd_normalize_topk",
+            "kd_online_server", "kd_online_server_base_url", "kd_online_timeout",
+            "kd_online_topk", "kd_temperature", "kd_temperature_min", "kd_trainer", "diffusion",
+            "liger_use_token_scaling", "grokfast_alpha", "grokfast_lamb", "scaling_softmax",
+            "scaling_softmax_factor", "scaling_softmax_bias",
+        ),
+        "a model-loading variant dft-peft does not implement (it would load another model)": (
+            "overrides_of_model_config", "overrides_of_model_kwargs", "cls_model_config",
+            "tokenizer_legacy", "tokenizer_use_mistral_common", "model_quantization_config",
+            "model_quantization_config_kwargs", "gptq", "use_kernels", "use_onebitllms",
+            "reinit_weights", "rope_scaling", "qat", "quantization", "fp8", "fp8_config",
+            "bfloat16", "float16", "float32", "fp32_norms", "fp32_norm_classes",
+            "llmcompressor", "quantize_moe_experts", "llama4_linearized_experts",
+            "experts_implementation", "gemma4_hybrid_attn_impl", "dense_mixer", "hatchery",
+        ),
+        "multimodal models are out of scope (dft-peft trains causal text models)": (
+            "processor_type", "processor_kwargs", "image_size", "image_resize_algorithm",
+            "role_boundaries", "freeze_mm_modules",
+        ),
+        "a PEFT variant dft-peft does not implement (another adapter than plain LoRA)": (
+            "peft", "peft_use_dora", "peft_init_lora_weights", "peft_layer_replication",
+            "peft_layers_pattern", "peft_layers_to_transform", "peft_trainable_token_indices",
+            "peft_autocast_adapter_dtype", "peft_ensure_weight_tying", "lora_alpha_pattern",
+            "lora_rank_pattern", "lora_target_parameters", "lora_on_cpu", "merge_lora",
+            "qlora_sharded_model_loading", "loraplus_lr_ratio", "mora", "relora",
+            "relora_cpu_offload", "relora_prune_method", "relora_prune_ratio", "lisa_n_layers",
+            "lisa_step_interval", "lisa_layers_attribute", "spectrum_model_name",
+            "spectrum_top_fraction",
+        ),
+        "ReLoRA (Axolotl 0.19 calls these `jagged_restart_*`): restarts the adapter during "
+        "training, a different procedure": ("relora_steps", "relora_warmup_steps", "relora_anneal_steps"),
+        "selects base weights to train in full; dft-peft trains LoRA adapters (use "
+        "`lora_modules_to_save` to train whole modules)": ("unfrozen_parameters",),
+        "a fused or custom kernel dft-peft does not apply; its numerics differ from the "
+        "model's own code": (
+            "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
+            "xformers_attention", "s2_attention", "flex_attn_compile_kwargs", "sage_attention",
+            "flash_optimum", "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_d512",
+            "fused_attn_kernel", "large_head_attention", "sdpa_varlen", "tiled_mlp",
+            "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp", "torch_compile",
+            "torch_compile_backend", "torch_compile_mode", "torch_compile_options",
+            "activation_offloading", "layer_offloading", "ple_cpu_offload", "batch_flattening",
+            "selective_checkpointing", "dynamic_checkpoint", "dsv4_bf16_all",
+            "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode",
+            "dsv4_shared_mlp_lora_kernel", "expert_backend", "gemma4_fp8_nonexpert",
+            "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
+            "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware",
+            "nvfp4_merge_aware_start_step", "use_dsv4_kernels", "use_glm_dsa_kernels",
+            "use_scattermoe", "use_sonicmoe",
+        ),
+        "changes which rows or tokens are trained on": (
+            "pretraining_dataset", "pretraining_sample_concatenation", "streaming",
+            "dataset_shard_num", "dataset_shard_idx", "num_dataset_shards_to_save",
+            "dataset_exact_deduplication", "sample_packing_sequentially", "curriculum_sampling",
+            "multipack_real_batches", "pad_to_multiple_of", "eval_sequence_len", "min_sample_len",
+            "max_packed_sequence_len", "group_by_length", "remove_unused_columns",
+            "dataloader_drop_last", "chat_template_kwargs", "default_system_message",
+            "added_tokens_overrides", "fix_untrained_tokens", "resize_token_embeddings_to_32x",
+            "shrink_embeddings", "embeddings_skip_upcast", "use_pose", "pose_split_on_token_ids",
+            "pose_max_context_len", "pose_num_chunks", "push_dataset_to_hub",
+        ),
+        "a training-loop setting dft-peft does not implement (it changes the optimisation)": (
+            "batch_size", "eval_batch_size", "auto_find_batch_size", "embedding_lr",
+            "embedding_lr_scale", "optim_args", "optim_target_modules", "torchdistx_path",
+            "lr_scheduler_kwargs", "lr_quadratic_warmup", "cosine_min_lr_ratio",
+            "cosine_constant_lr_ratio", "lr_div_factor", "lr_groups", "adam_epsilon2",
+            "adam_beta3", "dion_lr", "dion_momentum", "dion_rank_fraction",
+            "dion_rank_multiple_of", "qgalore_cos_threshold", "qgalore_gamma_proj",
+            "qgalore_proj_bits", "qgalore_proj_group_size", "qgalore_proj_quant",
+            "qgalore_proj_type", "qgalore_queue_size", "qgalore_rank", "qgalore_scale",
+            "qgalore_update_proj_gap", "jagged_restart_steps", "jagged_restart_warmup_steps",
+            "jagged_restart_anneal_steps", "early_stopping_patience", "load_best_model_at_end",
+            "metric_for_best_model", "greater_is_better",
+        ),
+        "a checkpoint, evaluation or output dft-peft does not produce": (
+            "eval_strategy", "evaluation_strategy", "save_strategy", "save_first_step",
+            "save_only_model", "save_safetensors", "profiler_steps", "profiler_steps_start",
+            "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset",
+            "bench_split", "generate_samples", "num_generation_samples",
+            "generation_max_new_tokens", "generation_temperature", "generation_top_p",
+            "generation_top_k", "generation_prompt_ratio", "generation_do_sample",
+            "hub_model_id", "hub_strategy", "hub_revision", "lm_eval_batch_size",
+            "lm_eval_model", "lm_eval_post_train", "lm_eval_tasks",
+        ),
+        "dft-peft logs to tensorboard and wandb (`report_to`); this tracker is not wired up": (
+            "use_mlflow", "hf_mlflow_log_artifacts", "mlflow_experiment_name", "mlflow_run_name",
+            "mlflow_tracking_uri", "use_comet", "comet_api_key", "comet_experiment_config",
+            "comet_experiment_key", "comet_mode", "comet_online", "comet_project_name",
+            "comet_workspace", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port",
+            "use_trackio", "trackio_project_name", "trackio_run_name", "trackio_space_id",
+            "use_swanlab", "swanlab_api_host", "swanlab_api_key", "swanlab_completion_log_interval",
+            "swanlab_completion_max_buffer", "swanlab_description", "swanlab_experiment_name",
+            "swanlab_lark_secret", "swanlab_lark_webhook_url", "swanlab_log_completions",
+            "swanlab_log_model", "swanlab_mode", "swanlab_project", "swanlab_web_host",
+            "swanlab_workspace",
+        ),
     }
 )
 
-# Real Axolotl keys dft-peft does not implement. Set to something other than empty/off they are
-# an error (or, with `strict: false`, a warning) because ignoring them would change the run.
-AXOLOTL_UNSUPPORTED_KEYS = frozenset(
-    {
-        # distributed / launchers
-        "deepspeed", "deepcompile", "fsdp", "fsdp_config", "fsdp_version",
-        "fsdp_final_state_dict_type", "ddp", "device", "device_map", "max_memory",
-        "gpu_memory_limit", "sequence_parallel_degree", "context_parallel_size", "heads_k_stride",
-        "ring_attn_func", "tensor_parallel_size", "dp_shard_size", "dp_replicate_size",
-        "use_ray", "accelerator_config",
-        # RL / other trainers
-        "rl", "trl", "vllm", "ebft", "rl_beta", "reward_model", "process_reward_model",
-        "num_labels", "center_rewards_coefficient", "precompute_ref_log_probs", "max_prompt_len",
-        "trainer_cls",
-        # model loading variants
-        "model_config", "model_kwargs", "overrides_of_model_config", "overrides_of_model_kwargs",
-        "cls_model_config", "processor_type", "processor_kwargs", "tokenizer_legacy",
-        "tokenizer_use_mistral_common", "model_quantization_config",
-        "model_quantization_config_kwargs", "gptq", "use_kernels", "use_onebitllms",
-        "reinit_weights", "rope_scaling", "qat", "quantization", "fp8",
-        "fp8_enable_fsdp_float8_all_gather", "bfloat16", "float16", "float32",
-        # PEFT variants
-        "lora_fan_in_fan_out", "lora_target_parameters", "lora_on_cpu", "merge_lora",
-        "qlora_sharded_model_loading", "loraplus_lr_ratio", "lora_mlp_kernel", "lora_qkv_kernel",
-        "lora_o_kernel", "lora_embedding_kernel", "unfrozen_parameters", "freeze_mm_modules",
-        # kernels / attention / memory tricks
-        "xformers_attention", "s2_attention", "flex_attention", "flex_attn_compile_kwargs",
-        "sage_attention", "flash_optimum", "gemma4_hybrid_attn_impl", "experts_implementation",
-        "quantize_moe_experts", "llama4_linearized_experts", "chunked_cross_entropy",
-        "chunked_cross_entropy_num_chunks", "cut_cross_entropy", "use_eaft", "eaft_alpha",
-        "eaft_k", "tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp",
-        "scaling_softmax", "scaling_softmax_factor", "scaling_softmax_bias", "torch_compile",
-        "torch_compile_backend", "torch_compile_mode", "activation_offloading",
-        "layer_offloading", "batch_flattening", "neftune_noise_alpha", "noisy_embedding_alpha",
-        # data
-        "pretraining_dataset", "pretraining_sample_concatenation", "streaming",
-        "skip_prepare_dataset", "dataset_shard_num", "dataset_shard_idx",
-        "num_dataset_shards_to_save", "dataset_exact_deduplication", "dataset_keep_in_memory",
-        "shuffle_before_merging_datasets", "push_dataset_to_hub", "eval_sample_packing",
-        "sample_packing_sequentially", "sample_packing_mp_start_method", "curriculum_sampling",
-        "multipack_real_batches", "pad_to_multiple_of", "eval_sequence_len", "min_sample_len",
-        "max_packed_sequence_len", "group_by_length", "remove_unused_columns",
-        "dataloader_drop_last", "chat_template_kwargs", "eot_tokens", "default_system_message",
-        "added_tokens_overrides", "fix_untrained_tokens", "resize_token_embeddings_to_32x",
-        "shrink_embeddings", "embeddings_skip_upcast", "image_size", "image_resize_algorithm",
-        # training loop
-        "batch_size", "eval_batch_size", "auto_find_batch_size", "embedding_lr",
-        "embedding_lr_scale", "optim_args", "optim_target_modules", "torchdistx_path",
-        "lr_scheduler_kwargs", "lr_quadratic_warmup", "cosine_min_lr_ratio",
-        "cosine_constant_lr_ratio", "lr_div_factor", "lr_groups", "adam_epsilon2", "adam_beta3",
-        "eval_strategy", "evaluation_strategy", "save_strategy", "save_first_step",
-        "early_stopping_patience", "load_best_model_at_end", "metric_for_best_model",
-        "greater_is_better", "save_only_model", "save_safetensors", "loss_watchdog_threshold",
-        "loss_watchdog_patience", "profiler_steps", "profiler_steps_start",
-        "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset",
-        "bench_split", "generate_samples", "num_generation_samples", "generation_max_new_tokens",
-        "generation_temperature", "generation_top_p", "generation_top_k",
-        "generation_prompt_ratio", "generation_do_sample", "dynamic_checkpoint", "debug",
-        # hub / other trackers
-        "hub_model_id", "hub_strategy", "hub_revision", "use_mlflow", "use_comet",
-        "hf_mlflow_log_artifacts",
-        # PoSE
-        "use_pose", "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks",
-    }
-)
-AXOLOTL_UNSUPPORTED_PREFIXES = (
-    "unsloth_", "relora_", "lisa_", "ddp_", "fsdp_", "liger_", "peft_", "dpo_", "kto_", "orpo_",
-    "simpo_", "cpo_", "rpo_", "grpo_", "mlflow_", "comet_", "gradio_", "ray_", "trackio_",
-    "otel_", "jagged_restart_", "dion_", "qgalore_", "flash_attn_", "hub_", "resources_per_",
-)
+# Keys of older Axolotl versions: not in the generated table, still in public configs.
+LEGACY_KEYS = frozenset(k for k in (*HARMLESS_KEYS, *REFUSED_KEYS) if k not in all_axolotl_keys())
 
-# Unsupported keys whose Axolotl default is true: true (not false) is their "unchanged" value.
-# dft-peft always writes safetensors, so `save_safetensors: true` changes nothing.
-DEFAULT_TRUE_KEYS = frozenset({"save_safetensors"})
-
-UNSUPPORTED_HINTS = {
+# What to do instead, where there is a dft-peft key for it.
+REFUSED_HINTS = {
     "xformers_attention": "use `attn_implementation: sdpa` instead",
-    "flex_attention": "use `attn_implementation: sdpa` instead",
     "sage_attention": "use `attn_implementation: sdpa` instead",
     "s2_attention": "use `attn_implementation: sdpa` instead",
     "batch_size": "set `micro_batch_size` and `gradient_accumulation_steps` instead",
@@ -122,7 +312,80 @@ UNSUPPORTED_HINTS = {
     "save_strategy": "use `save_steps` or `saves_per_epoch` instead",
     "model_quantization_config": "use `load_in_4bit: true` or `load_in_8bit: true` instead",
     "rl": "dft-peft does supervised fine-tuning; pick the objective with `loss:`",
-    "deepspeed": "dft-peft trains on one device",
-    "fsdp": "dft-peft trains on one device",
-    "fsdp_config": "dft-peft trains on one device",
+    "deepspeed": "DeepSpeed runs through the Axolotl plugin (`axolotl train` with plugins: "
+    "[dft_peft.integrations.axolotl.DFTPlugin]); `dft-peft train` does DDP (torchrun) or FSDP2 (`fsdp_config`)",
+    "fsdp": "use `fsdp_version: 2` with an `fsdp_config:` block instead",
+    "unfrozen_parameters": "use `lora_modules_to_save` to train whole modules",
 }
+
+# ----------------------------------------------------------------------------- plugins
+
+# Axolotl plugins dft-peft can stand in for: the plugin line is accepted with this info line.
+ACCEPTED_PLUGINS = {
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
+        "dft-peft's fused loss already avoids the full logits (what Cut Cross-Entropy does)"
+    ),
+    "axolotl.integrations.liger.LigerPlugin": (
+        "its kernels are applied through `liger_rms_norm`, `liger_glu_activation`, "
+        "`liger_layer_norm`, `liger_rope` when liger-kernel is installed; the loss is dft-peft's "
+        "fused loss"
+    ),
+}
+
+
+def plugin_path(name: str) -> str | None:
+    """An Axolotl plugin as the generated table names it, however the config spells the module
+    (`axolotl.integrations.liger.LigerPlugin`, `...liger.plugin.LigerPlugin`)."""
+    plugins = axolotl_tables()["plugins"]
+    if name in plugins:
+        return name
+    if not name.startswith("axolotl.integrations."):
+        return None
+    package = name.split(".")[2]
+    cls = name.rsplit(".", 1)[-1]
+    candidate = f"axolotl.integrations.{package}.{cls}"
+    return candidate if candidate in plugins else None
+
+
+# ----------------------------------------------------------------------------- dataset entries
+
+DATASET_HARMLESS_KEYS = {
+    "trust_remote_code": "datasets 3+ no longer runs dataset loading scripts; no effect",
+    "preprocess_shards": "memory use of Axolotl's preprocessing only",
+}
+DATASET_REFUSED_KEYS = _groups(
+    {
+        "selects a part of the dataset; dft-peft trains on all rows": ("shards", "shards_idx"),
+        "per-turn or per-character training flags dft-peft does not implement (they change the "
+        "masks)": ("message_field_training", "message_field_training_detail"),
+        "reasoning traces and tool definitions are not passed to the template by dft-peft": (
+            "field_thinking", "template_thinking_key", "split_thinking", "field_tools",
+        ),
+        "fields of older Axolotl prompt types dft-peft does not implement": (
+            "conversation", "field_human", "field_model", "input_format", "input_transform",
+        ),
+        "knowledge-distillation data (the `kd` plugin), not supervised fine-tuning": (
+            "logprobs_field", "temperature",
+        ),
+        "a preference/reward dataset key (used with `rl:`); dft-peft does supervised "
+        "fine-tuning": (
+            "field_chosen", "field_rejected", "step_separator", "max_completion_length",
+            "train_on_last_step_only",
+        ),
+        "pretraining/synthetic dataset keys; dft-peft reads files of rows": (
+            "text_column", "skip", "length", "sequence_length", "min_input_id", "max_input_id",
+            "seed",
+        ),
+    }
+)
+
+
+def dataset_key_category(key: str) -> tuple[str, str] | None:
+    """('harmless'|'refused', reason) for an Axolotl dataset-entry key we do not implement."""
+    if key in DATASET_HARMLESS_KEYS:
+        return "harmless", DATASET_HARMLESS_KEYS[key]
+    if key in DATASET_REFUSED_KEYS:
+        return "refused", DATASET_REFUSED_KEYS[key]
+    if any(key in keys for keys in axolotl_dataset_keys().values()):
+        return "refused", "an Axolotl dataset option dft-peft does not implement"
+    return None

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from dft_peft.config.keys import check_override_key, drop_axolotl_plugins, sort_keys
-from dft_peft.config.messages import describe_validation_error, yaml_error_location, yaml_problem
+from dft_peft.config.checks import check_raw_values, warn_questionable
+from dft_peft.config.messages import describe_validation_error, primary_error, yaml_error_location, yaml_problem
 from dft_peft.config.paths import resolve_paths
 from dft_peft.config.schema import Config
 from dft_peft.errors import UserError
@@ -76,10 +77,21 @@ def parse_overrides(overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"override `{item}` must look like `key=value` (e.g. `--max_steps=5`).")
         try:
-            parsed[key] = yaml.safe_load(value) if value.strip() else None
+            parsed[key] = yaml.safe_load(value) if value.strip() else None  # `--key=`: unset
         except yaml.YAMLError:
-            raise UserError(f"override `{item}`: the value is not valid YAML; quote it.") from None
+            raise UserError(f"command-line override `--{key}={value}`: the value is not valid YAML; quote it.") from None
     return parsed
+
+
+def override_label(key: str, value: Any) -> str:
+    """How an error names a value that came from the command line rather than the YAML file."""
+    text = "true" if value is True else "false" if value is False else "null" if value is None else str(value)
+    hint = f" (`--{key}` with no value means true)" if value is True else ""
+    return f"command-line override `--{key}={text}`{hint}"
+
+
+def _label_for(key: Any, label: str, over: Mapping[str, Any]) -> str:
+    return override_label(key, over[key]) if isinstance(key, str) and key in over else label
 
 
 
@@ -100,11 +112,13 @@ def build_config(
         kind = type(data).__name__
         raise UserError(f"{label}: the top level must be `key: value` lines, not a {kind}.")
     raw = dict(data)
+    over: dict[str, Any] = {}
     if overrides:
         over = parse_overrides(overrides)
         for key in over:
             check_override_key(key)
         raw.update(over)
+    check_raw_values(raw, _label_for("loss", label, over))
 
     strict = raw.get("strict", True)
     if strict is None:
@@ -119,14 +133,17 @@ def build_config(
     try:
         cfg = Config.model_validate(fields)
     except ValidationError as exc:
-        raise UserError(f"{label}: {describe_validation_error(exc)}") from None
+        key = (primary_error(exc).get("loc") or (None,))[0]
+        raise UserError(f"{_label_for(key, label, over)}: {describe_validation_error(exc)}") from None
 
     from dft_peft.losses.registry import validate_loss_params
 
     try:
         cfg._loss_params = validate_loss_params(cfg.loss, loss_params)
     except UserError as exc:
-        raise UserError(f"{label}: {exc}") from None
+        named = next((k for k in loss_params if k in over and f"`{k}`" in str(exc)), "loss")
+        raise UserError(f"{_label_for(named, label, over)}: {exc}") from None
+    warn_questionable(cfg)
     cfg._ignored = ignored
     cfg._source = Path(source).resolve() if isinstance(source, Path) else None
     return cfg

@@ -66,10 +66,15 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return Config
 
 
+def primary_error(exc: ValidationError) -> dict[str, Any]:
+    """The error to report: a misspelled key (`pth:`) before the `path is required` it causes."""
+    errors = exc.errors()
+    return next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """pydantic's multi-line report -> one line naming the key, what is wrong and the value."""
-    errors = exc.errors()
-    err = errors[0]
+    err = primary_error(exc)
     loc = tuple(err.get("loc", ()))
     key = _format_loc(loc)
     kind = err.get("type", "")

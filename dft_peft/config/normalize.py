@@ -15,6 +15,7 @@ LEGACY_ATTENTION_FLAGS = {
     "flash_attention": "flash_attention_2",
     "sdp_attention": "sdpa",
     "eager_attention": "eager",
+    "flex_attention": "flex_attention",
 }
 
 # Axolotl's internal field names, which it also accepts as keys (populate_by_name).
@@ -23,8 +24,13 @@ KEY_ALIASES = {"type_of_model": "model_type", "revision_of_model": "model_revisi
 # Axolotl's `bnb_config_kwargs` entries that have a dft-peft key.
 BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 
+# Axolotl's switches that select one of our objectives: `use_eaft: true` means `loss: eaft`.
+LOSS_SWITCHES = {"use_eaft": "eaft"}
+
 # Keys accepted on input and folded into other fields by `Config._normalize_inputs`.
-INPUT_ONLY_KEYS = frozenset(LEGACY_ATTENTION_FLAGS) | frozenset(KEY_ALIASES) | {"bnb_config_kwargs"}
+INPUT_ONLY_KEYS = (
+    frozenset(LEGACY_ATTENTION_FLAGS) | frozenset(KEY_ALIASES) | {"bnb_config_kwargs"} | frozenset(LOSS_SWITCHES)
+)
 
 
 def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
@@ -41,6 +47,7 @@ def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
                 data[new] = value
     fold_legacy_attention(data)
     fold_bnb_kwargs(data)
+    fold_loss_switches(data)
     if data.get("chat_template_jinja") and not data.get("chat_template"):
         data["chat_template"] = "jinja"  # Axolotl does the same
     # An empty `key:` means "not set" in Axolotl files: use our default where null is no value.
@@ -72,6 +79,22 @@ def fold_legacy_attention(data: dict[str, Any]) -> None:
                 f"`attn_implementation: {chosen}`; keep only `attn_implementation`."
             )
         data["attn_implementation"] = impl
+
+
+def fold_loss_switches(data: dict[str, Any]) -> None:
+    """Axolotl's `use_eaft: true` -> `loss: eaft` (its `eaft_alpha` / `eaft_k` are that loss's own keys)."""
+    for switch, loss in LOSS_SWITCHES.items():
+        value = data.pop(switch, None)
+        if value is None or value is False:
+            continue
+        if value is not True:
+            raise ValueError(f"`{switch}` must be true or false (got {value!r}).")
+        chosen = data.get("loss")
+        if chosen is not None and chosen != loss:
+            raise ValueError(
+                f"`{switch}: true` means `loss: {loss}`, which conflicts with `loss: {chosen}`; keep one."
+            )
+        data["loss"] = loss
 
 
 def fold_bnb_kwargs(data: dict[str, Any]) -> None:

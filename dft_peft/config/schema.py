@@ -31,17 +31,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from dft_peft.config.axolotl_keys import CHAT_TEMPLATES
-from dft_peft.config.checks import check_consistency
+from dft_peft.config.checks import check_consistency, reject_bool_number
 from dft_peft.config.normalize import normalize_inputs
 from dft_peft.data.spec import DatasetConfig
-from dft_peft.errors import did_you_mean
 
 Optimizer = Literal[
-    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
+    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "adamw_torch_8bit", "adamw_torch_4bit",
 ]
 Scheduler = Literal["cosine", "linear", "constant"]
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+AttnImplementation = Literal["flash_attention_2", "sdpa", "eager", "flex_attention"]
 Reporter = Literal["tensorboard", "wandb", "none"]
 
 # transformers' OptimizerNames spells the bitsandbytes AdamW two ways; keep one.
@@ -68,7 +67,8 @@ class Config(BaseModel):
     plain `Config(...)` does not.
     """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: `learning_rate: .inf` is refused up front, not found as a NaN adapter.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(description="Hub id, local folder, or pkg://<package>/<file>.gguf.")
@@ -77,6 +77,9 @@ class Config(BaseModel):
     model_type: str | None = Field(default=None, description="e.g. AutoModelForCausalLM")
     tokenizer_type: str | None = Field(default=None, description="e.g. AutoTokenizer")
     model_revision: str | None = None
+    gguf_file: str | None = Field(
+        default=None, description="A .gguf file in base_model (hub repo or folder), converted to safetensors once."
+    )
     trust_remote_code: bool = False
     load_in_4bit: bool = False
     load_in_8bit: bool = False
@@ -95,9 +98,23 @@ class Config(BaseModel):
     lora_target_modules: list[str] | str | None = None
     lora_target_linear: bool | None = None
     lora_modules_to_save: list[str] | None = None
+    peft_use_rslora: bool | None = Field(default=None, description="rank-stabilised LoRA: scale alpha/sqrt(r).")
+    lora_fan_in_fan_out: bool | None = Field(default=None, description="weights stored (in, out), e.g. GPT-2 Conv1D.")
+
+    # --- kernels (Axolotl's LigerPlugin keys; applied when liger-kernel is installed) ------------
+    liger_rope: bool | None = None
+    liger_rms_norm: bool | None = None
+    liger_layer_norm: bool | None = None
+    liger_glu_activation: bool | None = None
+    liger_swiglu: bool | None = Field(default=None, description="older name of liger_glu_activation")
 
     # --- objective -----------------------------------------------------------------------------
     loss: str = Field(default="sft", description="Objective in the loss registry (sft, dft, ...).")
+    prior_check: bool = Field(
+        default=True,
+        description="Before training, check on a sample of rows whether the base model's prior suits DFT.",
+    )
+    prior_check_rows: int = Field(default=64, ge=1, description="Training rows the prior check runs.")
 
     # --- data ----------------------------------------------------------------------------------
     datasets: list[DatasetConfig]
@@ -115,6 +132,9 @@ class Config(BaseModel):
     tokens: list[str] | None = None
     chat_template: str | None = None
     chat_template_jinja: str | None = None
+    eot_tokens: list[str] | None = Field(
+        default=None, description="end-of-turn tokens of chat data (Axolotl: default the EOS token)"
+    )
 
     # --- optimisation --------------------------------------------------------------------------
     micro_batch_size: int = Field(default=1, ge=1)
@@ -131,7 +151,7 @@ class Config(BaseModel):
     warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=None, ge=0.0)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**32)  # numpy (transformers set_seed) takes 0..2**32-1
 
     # --- precision and memory ------------------------------------------------------------------
     bf16: bool | Literal["auto"] | None = Field(
@@ -139,8 +159,19 @@ class Config(BaseModel):
     )
     fp16: bool | None = None
     tf32: bool | Literal["auto"] | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        default=False, description="offload: checkpointed layer inputs wait in CPU memory (Axolotl's key)."
+    )
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    memory_check: bool = Field(
+        default=True, description="false: `dft-peft train` skips the will-it-fit check on a CUDA GPU."
+    )
+
+    # --- several processes (torchrun / accelerate launch; see dft_peft/distributed.py) ----------
+    fsdp_version: int | None = Field(default=None, description="2: FSDP2 (the only version supported).")
+    fsdp_config: dict[str, Any] | None = Field(
+        default=None, description="Axolotl's FSDP block (CUDA GPUs only; e.g. reshard_after_forward)."
+    )
 
     # --- checkpoints, logging, evaluation ------------------------------------------------------
     output_dir: str = "./model-out"
@@ -148,7 +179,7 @@ class Config(BaseModel):
     save_steps: int | float | None = None
     saves_per_epoch: int | None = Field(default=None, ge=1)
     eval_steps: int | float | None = None
-    evals_per_epoch: int | None = Field(default=None, ge=1)
+    evals_per_epoch: int | None = Field(default=None, ge=0, description="0: no evaluation during training.")
     save_total_limit: int | None = Field(default=None, ge=1)
     resume_from_checkpoint: str | None = None
     auto_resume_from_checkpoints: bool | None = None
@@ -167,6 +198,10 @@ class Config(BaseModel):
 
     # --- misc ----------------------------------------------------------------------------------
     plugins: list[str] | None = None
+    loss_watchdog_threshold: float | None = Field(
+        default=None, description="stop when the logged loss stays above this (see dft_peft/watchdog.py)"
+    )
+    loss_watchdog_patience: int | None = Field(default=None, ge=1, description="logged losses in a row (default 3)")
     strict: bool = Field(
         default=True, description="false: unsupported Axolotl keys warn instead of failing."
     )
@@ -181,6 +216,19 @@ class Config(BaseModel):
     @classmethod
     def _normalize_inputs(cls, data: Any) -> Any:
         return normalize_inputs(data, cls.model_fields)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        reject_bool_number(value, info.field_name, cls.model_fields[info.field_name].annotation)
+        return value
+
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_config_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from dft_peft.distributed import normalise_fsdp_config
+
+        return normalise_fsdp_config(value)
 
     @field_validator("optimizer", mode="before")
     @classmethod
@@ -197,9 +245,9 @@ class Config(BaseModel):
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _plain_checkpointing(cls, value: Any) -> Any:
-        if isinstance(value, str) and value in ("offload", "offload_disk", "unsloth"):
+        if isinstance(value, str) and value in ("offload_disk", "unsloth"):
             raise ValueError(
-                f"must be true or false (Axolotl's `{value}` mode is not supported by dft-peft)"
+                f"must be true, false or offload (Axolotl's `{value}` mode is not supported by dft-peft)"
             )
         return value
 
@@ -245,18 +293,20 @@ class Config(BaseModel):
     @field_validator("chat_template")
     @classmethod
     def _known_chat_template(cls, value: str | None) -> str | None:
-        if value is None or value in CHAT_TEMPLATES:
-            return value
-        fallback = value.removeprefix("tokenizer_default_fallback_")
-        if fallback != value and fallback in CHAT_TEMPLATES:
-            return value
-        raise ValueError(
-            f"unknown chat template `{value}`: use a name such as chatml, llama3, qwen_25 or "
-            f"tokenizer_default, or put a Jinja template in `chat_template_jinja`."
-            + did_you_mean(value, CHAT_TEMPLATES)
-        )
+        from dft_peft.data.templates import check_template_name
+
+        return value if value is None else check_template_name(value)
 
     # ----------------------------------------------------------------------------- consistency
+
+    @model_validator(mode="after")
+    def _eot_tokens_reach_datasets(self) -> Config:
+        """Axolotl reads `eot_tokens` at the top level; the data layer reads it per entry."""
+        if self.eot_tokens is not None:
+            for entry in [*self.datasets, *(self.test_datasets or [])]:
+                if entry.eot_tokens is None:
+                    entry.eot_tokens = list(self.eot_tokens)
+        return self
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:

@@ -1,9 +1,10 @@
 """`dataset_prepared_path`: reuse tokenized (and packed) datasets across runs.
 
 The folder name is a hash of everything that changes the result, so a stale cache is never
-reused: the dataset entries, each data file's path/size/mtime, the tokenizer's vocabulary,
-special tokens and chat template, the preparation settings, and the source of this package
-(a code change invalidates caches even if FORMAT_VERSION was not bumped). Writes go to a temp
+reused: the dataset entries, each data file's path/size/mtime (a hub dataset: the commit its
+revision resolves to), the tokenizer's vocabulary, special tokens and chat template, the
+preparation settings, and the source of this package (a code change invalidates caches even if
+FORMAT_VERSION was not bumped). Writes go to a temp
 folder renamed into place, so an interrupted run never leaves a half-written cache behind.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dft_peft import hub
 from dft_peft.data.formats import FORMAT_VERSION
 from dft_peft.data.loading import resolve_files
 from dft_peft.data.spec import DatasetConfig
@@ -26,6 +28,8 @@ META_FILE = "prepared.json"
 
 
 def _files_fingerprint(cfg: DatasetConfig) -> list[list[Any]]:
+    if hub.is_hub_dataset(cfg.path):  # a hub dataset: the commit its revision resolves to
+        return [["hub", cfg.path, hub.dataset_commit(cfg.path, cfg.revision)]]
     _, files = resolve_files(cfg)
     out = []
     for f in files:

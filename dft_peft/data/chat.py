@@ -17,31 +17,6 @@ if TYPE_CHECKING:
     from dft_peft.data.formats import FormatContext, Segment
     from dft_peft.data.spec import DatasetConfig
 
-# The ChatML template (as used by Qwen/OpenHermes) for tokenizers that ship none.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Llama 3 header format; message text is stripped as Meta's template does.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-# Qwen2.5: ChatML with Qwen's default system message when the conversation has none (no tools).
-QWEN25_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
-    "{% endif %}" + CHATML_TEMPLATE
-)
-
-NAMED_TEMPLATES: dict[str, str] = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "qwen_25": QWEN25_TEMPLATE}
 TOKENIZER_DEFAULT = "tokenizer_default"
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
 
@@ -63,9 +38,12 @@ def resolve_chat_template(override: str | None, tokenizer: Any, where: str) -> s
             return template
         override = override.removeprefix(FALLBACK_PREFIX)
     if override and override != TOKENIZER_DEFAULT:
-        if override in NAMED_TEMPLATES:
-            return NAMED_TEMPLATES[override]
-        known = [TOKENIZER_DEFAULT, *NAMED_TEMPLATES]
+        from dft_peft.data.templates import accepted_template_names, template_text
+
+        named = template_text(override)  # Axolotl's own Jinja text for its template names
+        if named is not None:
+            return named
+        known = [TOKENIZER_DEFAULT, *sorted(accepted_template_names())]
         raise UserError(
             f"{where}: chat_template `{override}` is not built into dft-peft; use one of {', '.join(known)}, "
             f"or pass the Jinja template itself (chat_template_jinja).{did_you_mean(override, known)}"
@@ -96,6 +74,8 @@ def _messages(row: Mapping[str, Any], cfg: DatasetConfig) -> list[dict[str, str]
                 "(set message_property_mappings: {role: ..., content: ...} to your key names)"
             )
         out.append({"role": cfg.canonical_role(str(msg[role_key])), "content": str(msg[content_key])})
+    if cfg.drop_system_message and out[0]["role"] == "system":
+        out = out[1:]  # Axolotl drops the row's system turn (not a template's default one)
     return out
 
 
@@ -111,6 +91,26 @@ def _render(ctx: FormatContext, messages: list[dict[str, str]]) -> str:
         raise RowError(f"the chat template failed on the first {len(messages)} messages: {reason}") from err
 
 
+def check_trained_roles(messages: list[dict[str, str]], cfg: DatasetConfig) -> None:
+    """A row with no trained message is dropped, unless that is a naming mistake: a misspelled
+    `roles_to_train` entry, or data roles that match no known role (then every row would go)."""
+    from dft_peft.data.formats import RowError
+    from dft_peft.data.spec import DEFAULT_ROLE_ALIASES
+
+    found = sorted({m["role"] for m in messages})
+    for wanted in cfg.roles_to_train:
+        near = did_you_mean(wanted, found)
+        if near:
+            raise RowError(f"roles_to_train `{wanted}` matches no message (roles found: {', '.join(found)}).{near}")
+    known = set(cfg.roles if cfg.roles is not None else DEFAULT_ROLE_ALIASES)
+    if not known & set(found):
+        raise RowError(
+            f"message roles {', '.join(f'`{r}`' for r in found)} match none of roles_to_train "
+            f"({', '.join(cfg.roles_to_train)}) or the known roles ({', '.join(sorted(known))}); map them with "
+            "`roles: {assistant: [...], user: [...]}` in the dataset entry, or fix roles_to_train."
+        )
+
+
 def chat_segments(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext) -> list[Segment]:
     """Split the rendered conversation into header / content / end-of-turn / trailing pieces.
 
@@ -124,18 +124,20 @@ def chat_segments(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext
     full = _render(ctx, messages)
     train_roles = set(cfg.roles_to_train)
     trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
+    if not trained:
+        check_trained_roles(messages, cfg)
     last_trained = trained[-1] if trained else -1
     eos_mode = cfg.train_on_eos or "turn"
+    markers = turn_markers(cfg, ctx)
 
     segments: list[Segment] = []
     prev = 0
     for i, message in enumerate(messages):
         upto = full if i == len(messages) - 1 else _render(ctx, messages[: i + 1])
         if not full.startswith(upto) or len(upto) < prev:
-            raise RowError(
-                f"the chat template's rendering of the first {i + 1} messages is not a prefix of the whole "
-                "conversation, so trained turns cannot be located; use an append-only template (chat_template:)"
-            )
+            # Not append-only (Qwen3 drops earlier turns' empty <think> blocks, metharme ends the
+            # first turn with EOS only when it is the last): find the turns in order instead.
+            return located_segments(messages, full, cfg, ctx, markers)
         span, end = full[prev : len(upto)], len(upto)
         content = message["content"]
         pos = span.rfind(content) if content else -1
@@ -152,12 +154,135 @@ def chat_segments(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext
             prev = end
             continue
         head, body, tail = span[:pos], span[pos : pos + len(content)], span[pos + len(content) :]
-        eot = tail.rstrip()
         is_trained = message["role"] in train_roles
+        segments.extend([(head, False), (body, is_trained)])
+        if markers is not None:  # Axolotl's eot_tokens / train_on_eot: only those tokens
+            segments.extend(markers.tail_segments(tail, is_trained, i == last_trained))
+            prev = end
+            continue
+        eot = tail.rstrip()
         eot_trained = eos_mode == "all" or (
             is_trained and (eos_mode == "turn" or (eos_mode == "last" and i == last_trained))
         )
-        segments.extend([(head, False), (body, is_trained), (eot, eot_trained), (tail[len(eot) :], False)])
+        segments.extend([(eot, eot_trained), (tail[len(eot) :], False)])
         prev = end
     segments.append((full[prev:], False))
     return [s for s in segments if s[0]]
+
+
+class TurnMarkers:
+    """Axolotl's end-of-turn rule: after a turn's text, the first EOT token (`eot_tokens`, by
+    default the EOS token) is trained by `train_on_eot` and the first EOS token by
+    `train_on_eos` (`all` / `turn` / `last` / `none`); nothing else after the text is trained."""
+
+    def __init__(self, eot_tokens: list[str], eos_token: str | None, eot_mode: str, eos_mode: str):
+        self.eot_tokens = [t for t in eot_tokens if t]
+        self.eos_token = eos_token
+        self.eot_mode = eot_mode
+        self.eos_mode = eos_mode
+
+    @staticmethod
+    def _trained(mode: str, turn_trained: bool, last: bool) -> bool:
+        return mode == "all" or (turn_trained and (mode == "turn" or (mode == "last" and last)))
+
+    def tail_segments(self, tail: str, turn_trained: bool, last: bool) -> list[Segment]:
+        spans: dict[tuple[int, int], bool] = {}
+        hits = [(tail.find(t), t) for t in self.eot_tokens if tail.find(t) >= 0]
+        if hits:
+            pos, token = min(hits)
+            spans[(pos, pos + len(token))] = self._trained(self.eot_mode, turn_trained, last)
+        if self.eos_token and (pos := tail.find(self.eos_token)) >= 0:
+            span = (pos, pos + len(self.eos_token))
+            spans[span] = spans.get(span, False) or self._trained(self.eos_mode, turn_trained, last)
+        out: list[Segment] = []
+        cursor = 0
+        for (start, stop), trained in sorted(spans.items()):
+            if start < cursor:  # overlapping markers: the first one wins
+                continue
+            out.extend([(tail[cursor:start], False), (tail[start:stop], trained)])
+            cursor = stop
+        out.append((tail[cursor:], False))
+        return out
+
+
+def turn_markers(cfg: DatasetConfig, ctx: FormatContext) -> TurnMarkers | None:
+    """Axolotl's token-exact end-of-turn rule when the config asks for it (`eot_tokens` or
+    `train_on_eot` set); None keeps dft-peft's default, which trains the template's whole
+    end-of-turn marker (e.g. `<|im_end|>` even when the tokenizer's EOS is another token)."""
+    from dft_peft.errors import UserError
+
+    if cfg.eot_tokens is None and cfg.train_on_eot is None:
+        return None
+    eos = ctx.eos_token
+    eos_mode = cfg.train_on_eos or "turn"
+    eot_mode = cfg.train_on_eot or eos_mode
+    eot_tokens = list(cfg.eot_tokens) if cfg.eot_tokens is not None else ([eos] if eos else [])
+    for token in eot_tokens:
+        if len(ctx.tokenizer.encode(token, add_special_tokens=False)) != 1:
+            raise UserError(
+                f"eot_tokens: {token!r} is not one token for this tokenizer (Axolotl refuses this too); "
+                "add it under `tokens:` or pick the template's end-of-turn token"
+            )
+    if eos in eot_tokens and eot_mode != eos_mode:
+        raise UserError(
+            f"train_on_eot: {eot_mode} and train_on_eos: {eos_mode} disagree while the EOS token {eos!r} "
+            "is one of eot_tokens (Axolotl refuses this too); make them equal or drop it from eot_tokens"
+        )
+    return TurnMarkers(eot_tokens, eos, eot_mode, eos_mode)
+
+
+def located_segments(
+    messages: list[dict[str, str]], full: str, cfg: DatasetConfig, ctx: FormatContext, markers: TurnMarkers | None
+) -> list[Segment]:
+    """Segments for a template whose prefix renderings are not prefixes of the whole: each
+    message's text is found in order in the full rendering, and its end-of-turn marker is the
+    text that follows it when the conversation is rendered up to that message, where the full
+    rendering has the same text there."""
+    from dft_peft.data.formats import RowError
+
+    train_roles = set(cfg.roles_to_train)
+    trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
+    last_trained = trained[-1] if trained else -1
+    eos_mode = cfg.train_on_eos or "turn"
+    segments: list[Segment] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        content = message["content"]
+        pos = full.find(content, cursor) if content else -1
+        if pos < 0 and content.strip():
+            content = content.strip()
+            pos = full.find(content, cursor)
+        if pos < 0:
+            if content.strip():
+                raise RowError(
+                    f"{cfg.field_messages}[{i}]: its text does not appear in the chat template's output "
+                    "(the template rewrites it); use a template that renders message content verbatim"
+                )
+            continue
+        is_trained = message["role"] in train_roles
+        end = pos + len(content)
+        segments.extend([(full[cursor:pos], False), (full[pos:end], is_trained)])
+        cursor = end
+        marker = _marker_after(ctx, messages[: i + 1], content)
+        if not marker or not full.startswith(marker, end):
+            continue
+        if markers is not None:
+            segments.extend(markers.tail_segments(marker, is_trained, i == last_trained))
+        else:
+            eot_trained = eos_mode == "all" or (
+                is_trained and (eos_mode == "turn" or (eos_mode == "last" and i == last_trained))
+            )
+            segments.append((marker, eot_trained))
+        cursor = end + len(marker)
+    segments.append((full[cursor:], False))
+    return [s for s in segments if s[0]]
+
+
+def _marker_after(ctx: FormatContext, messages: list[dict[str, str]], content: str) -> str:
+    """The end-of-turn text the template puts after the last message's text ('' if none)."""
+    try:
+        alone = _render(ctx, messages)
+    except Exception:  # noqa: BLE001 - e.g. a template that refuses to end on a user turn
+        return ""
+    at = alone.rfind(content)
+    return alone[at + len(content) :].rstrip() if at >= 0 else ""

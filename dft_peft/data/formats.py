@@ -132,3 +132,6 @@ def chat_template(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext
     from dft_peft.data.chat import chat_segments  # chat rendering is big enough for its own module
 
     return chat_segments(row, cfg, ctx)
+
+
+from dft_peft.data import alpaca_styles  # noqa: E402,F401  (registers Axolotl's other alpaca styles)

@@ -1,8 +1,8 @@
-"""Load a dataset entry from local files, and split off an eval set.
+"""Load a dataset entry from local files or the hub, and split off an eval set.
 
-Everything is local: `datasets.load_dataset(<builder>, data_files=...)` reads json/csv/parquet/
-arrow files without the network, and `load_from_disk` reads a folder saved by `save_to_disk`.
-A hub id fails fast with a message saying so, instead of a long network timeout.
+Local files: `datasets.load_dataset(<builder>, data_files=...)` reads json/csv/parquet/arrow
+files, and `load_from_disk` reads a folder saved by `save_to_disk`. A hub id (`org/name`) goes
+through `dft_peft.hub.load_hub_dataset` (`datasets.load_dataset` with Axolotl's keys).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from dft_peft import hub
 from dft_peft.data.spec import DatasetConfig
 from dft_peft.errors import UserError
 
@@ -80,8 +81,8 @@ def _missing_path_message(path: str) -> str:
         _HUB_ID.match(path) and Path(path).suffix.lower() not in BUILDERS
     ):
         return (
-            f"dataset path {path} is not a local file or folder and looks like a Hugging Face hub id; the hub is "
-            "unreachable (dft-peft works offline): download the dataset files and point path at them"
+            f"dataset path {path} is not a local file or folder; for a Hugging Face hub dataset write its repo id "
+            "(`path: org/name`, with `data_files:` naming files inside it)"
         )
     return f"dataset path {path} does not exist; fix path (relative paths are from the current directory)"
 
@@ -90,7 +91,10 @@ def load_raw(cfg: DatasetConfig):
     """The entry's rows as a `datasets.Dataset`."""
     import datasets
 
+    if hub.is_hub_dataset(cfg.path):  # `org/name`: a Hugging Face hub dataset repo
+        return hub.load_hub_dataset(cfg)
     builder, files = resolve_files(cfg)
+    check_not_empty(cfg, builder, files)
     try:
         if builder == "disk":
             loaded = datasets.load_from_disk(str(files[0]))
@@ -101,12 +105,74 @@ def load_raw(cfg: DatasetConfig):
                     )
                 loaded = loaded[cfg.split]
             return loaded
-        return datasets.load_dataset(builder, data_files={cfg.split: [str(f) for f in files]}, split=cfg.split)
+        loaded = datasets.load_dataset(builder, data_files={cfg.split: [str(f) for f in files]}, split=cfg.split)
     except UserError:
         raise
-    except Exception as err:  # a malformed file: name it, keep the parser's reason
+    except Exception as err:  # a malformed file: name it and the line, else keep the parser's reason
+        found = first_bad_line(builder, files)
+        if found:
+            raise UserError(found) from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"dataset {cfg.path}: cannot read it as {builder}: {reason}") from err
+        raise UserError(f"dataset {cfg.path}: cannot read it as {builder}: {reason}") from None
+    if len(loaded) == 0:
+        raise UserError(first_bad_line(builder, files) or f"dataset {cfg.path} has no rows; add data to it")
+    return loaded
+
+
+def check_not_empty(cfg: DatasetConfig, builder: str, files: list[Path]) -> None:
+    """An empty data file is a mistake (a failed export), not a dataset of zero rows."""
+    for f in files:
+        if builder != "disk" and f.is_file() and f.stat().st_size == 0:
+            raise UserError(f"dataset file {f} is empty; put rows in it (one JSON object per line for .jsonl)")
+        if builder in ("json", "csv") and f.is_file():
+            # pyarrow reads bytes that are not UTF-8 without complaint and fails rows later, deep
+            # inside tokenization; decoding once here (GB/s) names the line instead.
+            raw = f.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw.count(b"\n", 0, exc.start) + 1
+                raise UserError(
+                    f"dataset file {f} line {line}: not UTF-8 text (byte {raw[exc.start]:#x}); save the file as UTF-8"
+                ) from None
+
+
+def first_bad_line(builder: str, files: list[Path]) -> str | None:
+    """For JSON lines files: the first line that is not UTF-8 or not a JSON object, as one message.
+
+    Run only after the fast reader failed (or found no rows), so good files are read once.
+    """
+    import json
+
+    if builder != "json":
+        return None
+    for f in files:
+        raw = f.read_bytes()
+        if not raw.strip():
+            return f"dataset file {f} has only blank lines; put rows in it (one JSON object per line)"
+        if f.suffix.lower() == ".json":
+            try:
+                whole = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                whole = None
+            if isinstance(whole, (list, dict)):
+                continue
+            if not raw.lstrip().startswith(b"{"):
+                return f"dataset file {f} is not valid JSON (a list of objects, or one object per line)"
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"dataset file {f} line {number}: not UTF-8 text (byte {line[exc.start]:#x} at column {exc.start + 1}); save the file as UTF-8"
+            try:
+                row = json.loads(text)
+            except ValueError as exc:
+                return f"dataset file {f} line {number}: not valid JSON ({exc}); fix or remove the line"
+            if not isinstance(row, dict):
+                return f"dataset file {f} line {number}: a JSON {type(row).__name__}, not an object (`{{\"key\": ...}}`)"
+    return None
 
 
 def split_eval(ds, val_set_size: float, seed: int):

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dft_peft.errors import did_you_mean
 
 DsType = Literal["json", "jsonl", "csv", "parquet", "arrow"]
 TrainOnEos = Literal["turn", "all", "none", "last"]
@@ -28,13 +27,14 @@ DEFAULT_ROLE_ALIASES: dict[str, list[str]] = {
 class DatasetConfig(BaseModel):
     """Where a dataset lives and how its rows become prompt/response segments."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)  # min_weight: .nan is refused
 
-    path: str = Field(description="Local file or folder (the Hugging Face hub is not reachable).")
+    path: str = Field(description="Local file or folder, or a Hugging Face hub dataset id (org/name).")
     ds_type: DsType | None = Field(default=None, description="File type; inferred from the extension.")
     data_files: str | list[str] | None = None
     split: str = "train"
-    name: str | None = Field(default=None, description="Hub config name; accepted for Axolotl configs, unused locally.")
+    name: str | None = Field(default=None, description="Hub dataset config (subset) name; unused for local files.")
+    revision: str | None = Field(default=None, description="Hub dataset branch, tag or commit; unused for local files.")
     type: str = "alpaca"
     field: str = Field(default="text", description="Text column for `type: completion`.")
     field_messages: str = "messages"
@@ -46,6 +46,9 @@ class DatasetConfig(BaseModel):
     )
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
     train_on_eos: TrainOnEos | None = None
+    train_on_eot: TrainOnEos | None = Field(default=None, description="end-of-turn tokens; default: as train_on_eos")
+    eot_tokens: list[str] | None = Field(default=None, description="set from the top-level `eot_tokens`")
+    drop_system_message: bool | None = None
     chat_template: str | None = None
     weight_field: str | None = None
     min_weight: float | None = None
@@ -55,13 +58,9 @@ class DatasetConfig(BaseModel):
     def _known_type(cls, value: str) -> str:
         # Imported here: formats.py must stay importable without this module (the registry is the
         # single source of truth for which types exist, so a new format needs no change here).
-        from dft_peft.data.formats import FORMATS
+        from dft_peft.data.dataset_types import resolve_type
 
-        if value not in FORMATS:
-            raise ValueError(
-                f"unknown dataset type `{value}`; known: {', '.join(sorted(FORMATS))}." + did_you_mean(value, FORMATS)
-            )
-        return value
+        return resolve_type(value)
 
     @model_validator(mode="before")
     @classmethod

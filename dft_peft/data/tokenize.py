@@ -188,6 +188,12 @@ def _row_weight(row: dict, cfg: DatasetConfig, where: str) -> float:
         raise UserError(f"{where}: field '{cfg.weight_field}' must be a number, got {value!r}") from None
     if weight != weight:  # NaN would poison every loss it touches
         raise UserError(f"{where}: field '{cfg.weight_field}' is NaN; give it a number")
+    if abs(weight) > 3.4e38:  # inf, or inf once stored as float32: the adapter would end up NaN
+        raise UserError(f"{where}: field '{cfg.weight_field}' is {value!r}, not a finite number; give it a finite weight")
+    if weight < 0:  # a negative weight turns the loss into gradient ascent on that row
+        raise UserError(
+            f"{where}: field '{cfg.weight_field}' is {weight:g}; weights must be >= 0 (use min_weight to drop low rows)"
+        )
     return weight
 
 

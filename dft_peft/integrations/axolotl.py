@@ -122,10 +122,27 @@ def loss_settings(cfg: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(name, str):
         raise UserError(f"`loss` must be the name of an objective, got {name!r}.")
     params = {key: _get(cfg, key) for key in loss_param_names() if _get(cfg, key) is not None}
+    params = _without_axolotl_defaults(name, params)
     checked = _registry().validate_loss_params(name, params)
     if isinstance(checked, dict):
         params = checked
     return name, params
+
+
+# Keys that are both an objective's parameter and a field of Axolotl's own schema, with the
+# default Axolotl fills in on every validated config (`eaft_alpha: 1.0` even without EAFT).
+AXOLOTL_SCHEMA_DEFAULTS = {"eaft_alpha": 1.0, "eaft_k": 20}
+
+
+def _without_axolotl_defaults(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Drop another objective's parameter that only holds Axolotl's schema default, so that
+    `loss: dft` is not refused for the `eaft_alpha: 1.0` Axolotl's validation adds."""
+    own = _registry().loss_param_names().get(name, set())
+    return {
+        key: value
+        for key, value in params.items()
+        if key in own or AXOLOTL_SCHEMA_DEFAULTS.get(key, object()) != value
+    }
 
 
 def _yaml(value: Any) -> str:

@@ -135,7 +135,10 @@ def _logp_objective_chunk(
     logp = target_logit - (row_max + row_sum.log()).squeeze(1)
     with torch.enable_grad():
         logp_leaf = logp.detach().requires_grad_(want_grad)
-        per_token = plan.spec.of_logp(logp_leaf, **plan.params)
+        if plan.spec.of_logp_takes_targets:
+            per_token = plan.spec.of_logp(logp_leaf, **plan.params, targets=targets)
+        else:
+            per_token = plan.spec.of_logp(logp_leaf, **plan.params)
         weighted = per_token if token_weights is None else per_token * token_weights
         total = weighted.sum()
         g = torch.autograd.grad(total, logp_leaf)[0] if want_grad else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class LossSpec:
     # [n] vector. The fused path then forms the [n, V] gradient in place in two passes instead
     # of running autograd over the whole chunk of logits.
     of_logp: Objective | None = None
+    # Whether `of_logp` also takes the chunk's `targets` (e.g. DFT keeping SFT's weight on
+    # special tokens); read from its signature at registration.
+    of_logp_takes_targets: bool = False
 
     @property
     def param_names(self) -> set[str]:
@@ -97,13 +101,17 @@ def register_loss_of_logp(
     def decorator(fn: Objective) -> Objective:
         from dft_peft.losses.objectives import target_logprobs
 
+        takes_targets = "targets" in inspect.signature(fn).parameters
+
         def on_logits(logits: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if takes_targets:
+                kwargs["targets"] = targets
             return fn(target_logprobs(logits, targets), **kwargs)
 
         on_logits.__name__ = on_logits.__qualname__ = fn.__name__
         on_logits.__doc__ = fn.__doc__
         register_loss(name, params=params)(on_logits)
-        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], of_logp=fn)
+        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], of_logp=fn, of_logp_takes_targets=takes_targets)
         return fn
 
     return decorator
@@ -187,10 +195,21 @@ def validate_loss_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
             + did_you_mean(key, spec.param_names)
         )
     try:
-        return spec.params(**params).model_dump()
+        return _without_quiet_defaults(spec.params(**params))
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or name
         raise UserError(
             f"loss `{name}`: `{key}` {err['msg'].lower()} (got {err.get('input')!r})."
         ) from None
+
+
+def _without_quiet_defaults(model: BaseModel) -> dict[str, Any]:
+    """The parameters as a dict, leaving out opt-in switches (fields marked `omit_default`) that
+    are at their default, so adding such a switch does not change every run's saved parameters."""
+    out = model.model_dump()
+    for key, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("omit_default") and out.get(key) == info.default:
+            out.pop(key, None)
+    return out

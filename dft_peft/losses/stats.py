@@ -8,6 +8,8 @@ without a host sync; the numbers are read (one sync) only when a log line is wri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 STAT_NAMES = ("objective", "ce", "p_mean", "token_acc", "entropy")
@@ -50,12 +52,21 @@ class TokenStats:
         ).to(torch.float64)
         self._sums = chunk if self._sums is None else self._sums + chunk
 
-    def pop(self) -> dict[str, float]:
-        """Means per token since the last call (empty when no token was seen); resets the sums."""
-        if self._sums is None:
-            return {}
-        values = self._sums.tolist()
+    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Means per token since the last call (empty when no token was seen); resets the sums.
+
+        `reduce` adds the sums and the token count over processes before the division (e.g.
+        `dft_peft.distributed.all_reduce_sum`), so under DDP the means are the global batch's,
+        token-weighted, not an average of per-rank means. It is a collective: every rank calls
+        it, also one that saw no token since the last log.
+        """
+        sums = self._sums
         self._sums = None
+        if reduce is not None:
+            sums = reduce(torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64) if sums is None else sums)
+        if sums is None:
+            return {}
+        values = sums.tolist()
         count = values[-1]
         if count <= 0:
             return {}

@@ -1,0 +1,460 @@
+"""Where a model comes from: a local folder, a `.gguf` file, `pkg://` GGUF, or a Hugging Face hub id.
+
+A hub id is downloaded with `huggingface_hub` into the standard cache (`HF_HOME`/`HF_HUB_CACHE`),
+as Axolotl, TRL and transformers do, so a model fetched by any of them is reused here and the
+other way round. `huggingface_hub` itself honours `HF_ENDPOINT`, `HF_HUB_OFFLINE`, `HF_TOKEN` and
+a saved `hf auth login`; we only choose which files to fetch and turn its exceptions into one
+line that says what to do.
+
+Why the repo is listed before downloading: many repos carry the same weights two or three times
+(safetensors, PyTorch `.bin`, `original/*.pth`, GGUF, ONNX). Fetching only what loading needs
+saves tens of GB on an 8B model, and the listing gives the sizes for the disk-space check.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import fnmatch
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dft_peft.errors import UserError, closest
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["model", "config", "tokenizer", "adapter"]
+
+# `org/name`: what the hub accepts as a repo id (and what is not a path on this machine).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "spiece.model", "sentencepiece*.model",
+)
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_KIND_KEY = {"model": "base_model", "config": "base_model_config", "tokenizer": "tokenizer_config", "adapter": "lora_model_dir"}
+
+
+def is_hub_id(value: str | None) -> bool:
+    """`org/name` that is not a file or folder here: looks like a hub repo id."""
+    if not value or "://" in value or value.startswith((".", "/", "~")):
+        return False
+    return bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
+
+
+def local_source(cfg, key: str) -> str | None:
+    """`cfg.<key>` (base_model_config, tokenizer_config, lora_model_dir) as a local folder:
+    unchanged when it is a path, fetched into the cache when it is a hub id."""
+    value = getattr(cfg, key)
+    if not is_hub_id(value):
+        return value
+    kind = next(k for k, v in _KIND_KEY.items() if v == key)
+    revision = getattr(cfg, "model_revision", None) if value == getattr(cfg, "base_model", None) else None
+    return str(fetch(value, kind, revision=revision))
+
+
+# ----------------------------------------------------------------------------- which files
+
+
+def choose_files(
+    repo_files: list[str], kind: Kind, *, gguf_file: str | None = None, repo_id: str = "", key: str | None = None
+) -> list[str]:
+    """The files loading needs, from the repo's listing.
+
+    Top-level files only: `original/` folders hold a second copy of the weights in another format.
+    """
+    key = key or _KIND_KEY[kind]
+    if gguf_file:
+        if gguf_file not in repo_files:
+            ggufs = sorted(f for f in repo_files if f.endswith(".gguf"))
+            raise UserError(
+                f"gguf_file `{gguf_file}` is not in `{repo_id}` (its GGUF files: {', '.join(ggufs) or 'none'})."
+                + (f" Did you mean `{closest(gguf_file, ggufs)}`?" if closest(gguf_file, ggufs) else "")
+            )
+        return [gguf_file]
+    top = [f for f in repo_files if "/" not in f]
+
+    def matching(*patterns: str) -> list[str]:
+        return [f for f in top if any(fnmatch.fnmatch(f, p) for p in patterns)]
+
+    if kind == "config":
+        return matching(*_CONFIG_FILES)
+    if kind == "tokenizer":
+        return matching(*_TOKENIZER_FILES, "config.json")
+    if kind == "adapter":
+        if "adapter_config.json" not in top:
+            raise UserError(f"{key} `{repo_id}` on the hub has no adapter_config.json; point it at a PEFT adapter repo.")
+        weights = matching("adapter_model.safetensors") or matching("adapter_model.bin")
+        return sorted(set(matching("*.json", *_TOKENIZER_FILES) + weights))
+    weights = matching("*.safetensors", "*.safetensors.index.json")
+    if not weights:
+        weights = matching("*.bin", "*.bin.index.json")
+    if not weights:
+        ggufs = sorted(f for f in repo_files if f.endswith(".gguf"))
+        if ggufs:
+            raise UserError(
+                f"{key} `{repo_id}` holds GGUF files only: add `gguf_file:` naming one of "
+                f"{', '.join(ggufs[:6])}{' ...' if len(ggufs) > 6 else ''} (it is converted to safetensors once)."
+            )
+        raise UserError(
+            f"{key} `{repo_id}` has no safetensors or PyTorch weights at its top level "
+            f"(files: {', '.join(top[:8])}); check the repo id."
+        )
+    other_index = "*.bin.index.json" if weights[0].endswith((".safetensors", ".safetensors.index.json")) else "*.safetensors.index.json"
+    extras = [f for f in matching(*_CONFIG_FILES, *_TOKENIZER_FILES, "*.json") if not fnmatch.fnmatch(f, other_index)]
+    return sorted(set(extras + weights))
+
+
+# ----------------------------------------------------------------------------- download
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+
+
+def fetch(
+    repo_id: str, kind: Kind = "model", *, revision: str | None = None, gguf_file: str | None = None, key: str | None = None
+) -> Path:
+    """A local folder holding what `kind` needs from hub repo `repo_id`, downloading what is missing.
+
+    With `HF_HUB_OFFLINE=1` nothing is requested: the cache must hold the files already.
+    """
+    from huggingface_hub import constants
+
+    key = key or _KIND_KEY[kind]
+    if constants.is_offline_mode():
+        return _from_cache(repo_id, kind, revision, gguf_file, key, reason="HF_HUB_OFFLINE=1 is set")
+    try:
+        sha, listing = _list_repo(repo_id, revision)
+        wanted = choose_files([f.path for f in listing], kind, gguf_file=gguf_file, repo_id=repo_id, key=key)
+        _check_disk_space(repo_id, sha, [f for f in listing if f.path in wanted])
+        return _download(repo_id, sha, revision, wanted)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line or is re-raised
+        problem = _explain(exc, repo_id, key, revision)
+        if problem == "offline":
+            return _from_cache(repo_id, kind, revision, gguf_file, key, reason=f"the hub ({constants.ENDPOINT}) is unreachable")
+        if problem is None:
+            raise
+        raise UserError(problem) from exc
+
+
+def _list_repo(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
+    """(commit sha, files with sizes) of the repo at `revision`, in one request."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    files = [RemoteFile(s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0)) for s in info.siblings or []]
+    return str(info.sha), files
+
+
+def _download(repo_id: str, sha: str, revision: str | None, wanted: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    snapshot = _storage_folder(repo_id) / "snapshots" / sha
+    missing = [f for f in wanted if not (snapshot / f).exists()]
+    if missing:
+        logger.info("dft-peft: downloading %d file(s) of %s@%s into the Hugging Face cache", len(missing), repo_id, sha[:12])
+    folder = snapshot_download(repo_id, revision=sha, allow_patterns=wanted)
+    if revision and revision != sha:
+        _remember_ref(repo_id, revision, sha)
+    elif not revision:
+        _remember_ref(repo_id, "main", sha)
+    return Path(folder)
+
+
+def _remember_ref(repo_id: str, revision: str, sha: str) -> None:
+    """Write refs/<revision> -> sha: we download by sha (one consistent commit), and an offline
+    run later asks for the branch name, as the user's config does."""
+    ref = _storage_folder(repo_id) / "refs" / revision
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text() != sha:
+            ref.write_text(sha)
+    except OSError:
+        pass
+
+
+def _check_disk_space(repo_id: str, sha: str, files: list[RemoteFile]) -> None:
+    """Fail before the download when the cache's disk cannot hold the files not yet cached
+    (huggingface_hub only warns, then fails half way with a bare OSError)."""
+    from huggingface_hub import constants
+
+    snapshot = _storage_folder(repo_id) / "snapshots" / sha
+    needed = sum(f.size for f in files if not (snapshot / f.path).exists())
+    cache = Path(constants.HF_HUB_CACHE)
+    probe = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    if probe is None or needed == 0:
+        return
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(_disk_full_message(repo_id, needed, free))
+
+
+def _disk_full_message(repo_id: str, needed: int | None, free: int | None) -> str:
+    from huggingface_hub import constants
+
+    amounts = f"needs {_gb(needed)} free, has {_gb(free)}" if needed is not None and free is not None else "the disk filled up"
+    return (
+        f"not enough disk space to download `{repo_id}` into the Hugging Face cache {constants.HF_HUB_CACHE}: "
+        f"{amounts}; free some space (`hf cache rm` removes cached repos) or set HF_HOME to a bigger disk."
+    )
+
+
+def _gb(n: int | None) -> str:
+    return f"{(n or 0) / 1e9:.2f} GB" if (n or 0) >= 1e8 else f"{(n or 0) / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def _storage_folder(repo_id: str, repo_type: str = "model") -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    ref = _storage_folder(repo_id) / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def _from_cache(repo_id: str, kind: Kind, revision: str | None, gguf_file: str | None, key: str, *, reason: str) -> Path:
+    """The cached snapshot when it holds every file `kind` needs; else one line naming what is missing."""
+    from huggingface_hub import constants
+
+    sha = _cached_commit(repo_id, revision)
+    snapshot = _storage_folder(repo_id) / "snapshots" / sha if sha else None
+    offline_hint = (
+        "HF_HUB_OFFLINE=1 trains from the cache, so download it first where the hub is reachable "
+        f"(`hf download {repo_id}`) or copy the cache folder {constants.HF_HUB_CACHE}"
+    )
+    if snapshot is None or not snapshot.is_dir():
+        raise UserError(
+            f"{key} `{repo_id}`{'@' + revision if revision else ''}: {reason} and the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} holds nothing of it; {offline_hint}."
+        )
+    listing = _cached_listing(repo_id, sha)
+    if listing is None:  # fetched by another tool: trust what is there
+        listing = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+    wanted = choose_files(listing, kind, gguf_file=gguf_file, repo_id=repo_id, key=key)
+    missing = [f for f in wanted if not (snapshot / f).exists()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{key} `{repo_id}`: {reason} and the cache lacks {shown}; {offline_hint}.")
+    return snapshot
+
+
+def _cached_listing(repo_id: str, sha: str) -> list[str] | None:
+    """The repo's file list as snapshot_download saved it (trees/<sha>.json), or None."""
+    try:
+        from huggingface_hub._tree_cache import read_tree_cache
+    except ImportError:  # older huggingface_hub: no tree cache
+        return None
+    entries = read_tree_cache(str(_storage_folder(repo_id)), sha)
+    return list(entries) if entries else None
+
+
+def cached_repo_ids(repo_type: str = "model") -> list[str]:
+    """Repo ids with a folder in the cache (`models--org--name`), for 'did you mean'."""
+    from huggingface_hub import constants
+
+    prefix = f"{repo_type}s--"
+    try:
+        names = os.listdir(constants.HF_HUB_CACHE)
+    except OSError:
+        return []
+    return sorted(n[len(prefix) :].replace("--", "/", 1) for n in names if n.startswith(prefix))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _explain(exc: BaseException, repo_id: str, key: str, revision: str | None) -> str | None:
+    """One line for a hub failure; "offline" when the cache should be tried; None for a bug."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    login = (
+        "run `hf auth login` (or set HF_TOKEN) with a token of an account that has accepted the model's "
+        f"licence at {constants.ENDPOINT}/{repo_id}"
+    )
+    if isinstance(exc, GatedRepoError):
+        return f"{key} `{repo_id}` is gated: you need to accept its licence and log in; {login}."
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{key} `{repo_id}` has no revision `{revision}`; fix model_revision (a branch, tag or commit sha)."
+    if isinstance(exc, RepositoryNotFoundError):
+        if exc.response is not None and exc.response.status_code == 401 and _has_token():
+            return f"{key} `{repo_id}`: the hub refused your token (401); {login}."
+        near = difflib.get_close_matches(repo_id, cached_repo_ids(), n=3, cutoff=0.5)
+        hint = f" Cached models that look close: {', '.join(near[:3])}." if near else ""
+        return (
+            f"{key} `{repo_id}` was not found on {constants.ENDPOINT}: check the id (org/name as on the hub's "
+            f"page){_no_folder(repo_id)}; if it is private, run `hf auth login` (or set HF_TOKEN) as an account that "
+            f"can see it.{hint}"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return _disk_full_message(repo_id, None, None)
+    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError, OfflineModeIsEnabled, LocalEntryNotFoundError)):
+        return "offline"
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        if status == 401 or status == 403:
+            return f"{key} `{repo_id}`: the hub refused access ({status}); {login}."
+        if isinstance(status, int) and status >= 500:
+            return "offline"
+        return f"{key} `{repo_id}`: the hub answered {status}: {str(exc).strip().splitlines()[0]}"
+    return None
+
+
+def _no_folder(value: str) -> str:
+    """A hub id is also a relative path: say that no such folder exists either (a mistyped path)."""
+    return f", and there is no folder `{value}` here" if "/" in value else ""
+
+
+def _has_token() -> bool:
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+# ----------------------------------------------------------------------------- datasets
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+def is_hub_dataset(path: str) -> bool:
+    """A `datasets:` path that names a hub dataset repo (not a local file, folder or file name)."""
+    return is_hub_id(path) and not path.lower().endswith(_DATA_SUFFIXES)
+
+
+def load_hub_dataset(cfg):
+    """A `datasets:` entry from the hub through `datasets.load_dataset`, as Axolotl loads it:
+    `name` is the dataset's config, `data_files` picks files inside the repo, `split` a split,
+    `revision` a branch, tag or commit. With `ds_type` the files are read with that builder
+    (`hf://datasets/<repo>@<revision>/<file>`), for repos whose files lack a telling extension."""
+    import datasets
+    from huggingface_hub import constants
+
+    kwargs = {"split": cfg.split}
+    if cfg.ds_type:
+        from dft_peft.data.loading import DS_TYPE_BUILDER
+
+        names = [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files or ["**"])
+        rev = f"@{cfg.revision}" if cfg.revision else ""
+        files = [f"hf://datasets/{cfg.path}{rev}/{n}" for n in names]
+        source, kwargs = DS_TYPE_BUILDER[cfg.ds_type], {**kwargs, "data_files": {cfg.split: files}}
+    else:
+        source = cfg.path
+        # Files named without a split would all land in `train`; `split:` names the split they make.
+        data_files = {cfg.split: cfg.data_files} if isinstance(cfg.data_files, (str, list)) else cfg.data_files
+        kwargs.update(name=cfg.name, revision=cfg.revision, data_files=data_files)
+    if constants.is_offline_mode() and cfg.data_files is not None:
+        cached = _cached_dataset_files(cfg)
+        if cached:  # datasets' own cache misses entries with data_files offline; the hub cache has the files
+            source, kwargs = cached[0], {"data_files": {cfg.split: cached[1]}, "split": cfg.split}
+    try:
+        return datasets.load_dataset(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line naming the entry; --debug keeps the cause
+        raise UserError(_dataset_error(cfg, exc, constants.ENDPOINT)) from exc
+
+
+def _cached_dataset_files(cfg) -> tuple[str, list[str]] | None:
+    """(builder, local files) of `data_files` in the hub cache's snapshot of the dataset, when all are there."""
+    from dft_peft.data.loading import BUILDERS, DS_TYPE_BUILDER
+
+    revision = cfg.revision or "main"
+    folder = _storage_folder(cfg.path, "dataset")
+    ref = folder / "refs" / revision
+    sha = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else (ref.read_text().strip() if ref.is_file() else None)
+    if sha is None or not (folder / "snapshots" / sha).is_dir():
+        return None
+    snapshot = folder / "snapshots" / sha
+    files: list[str] = []
+    for pattern in [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files):
+        found = sorted(str(p) for p in snapshot.glob(pattern) if p.is_file())
+        if not found:
+            return None
+        files += found
+    kinds = {DS_TYPE_BUILDER[cfg.ds_type]} if cfg.ds_type else {BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    return (kinds.pop(), files) if len(kinds) == 1 and None not in kinds else None
+
+
+def _dataset_error(cfg, exc: BaseException, endpoint: str) -> str:
+    from huggingface_hub import constants
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f"dataset {cfg.path}"
+    names = {type(e).__name__ for e in _causes(exc)}
+    if {"DatasetNotFoundError", "RepositoryNotFoundError"} & names and "GatedRepoError" not in names:
+        return (
+            f"{where} was not found on {endpoint}: check the id (org/name as on the hub); if it is private or gated, "
+            f"run `hf auth login` (or set HF_TOKEN) with an account that can open {endpoint}/datasets/{cfg.path}"
+        )
+    if "GatedRepoError" in names or "gated" in text.lower():
+        return f"{where} is gated: accept its terms at {endpoint}/datasets/{cfg.path} and run `hf auth login` (or set HF_TOKEN)"
+    if constants.is_offline_mode() or {"ConnectError", "ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"} & names:
+        return (
+            f"{where}: the hub is unreachable or HF_HUB_OFFLINE=1 is set, and the datasets cache "
+            f"({datasets_cache()}) does not hold it with these settings; load it once where the hub is reachable "
+            f"(HF_HUB_OFFLINE=1 then uses the cache) or point path at local files ({text})"
+        )
+    if "split" in text.lower():
+        return f"{where}: {text}; fix split:"
+    if isinstance(exc, FileNotFoundError) or "FileNotFound" in " ".join(names):
+        return f"{where}: {text}; check data_files (paths inside the repo) and revision"
+    return f"{where}: cannot load it from the hub: {text}"
+
+
+def _causes(exc: BaseException):
+    seen = 0
+    while exc is not None and seen < 10:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+
+
+def datasets_cache() -> str:
+    import datasets
+
+    return str(datasets.config.HF_DATASETS_CACHE)
+
+
+def dataset_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub dataset's `revision` resolves to (for the prepared-data cache key).
+
+    Offline, the cached ref of `datasets`' own download (or None when there is none).
+    """
+    from huggingface_hub import HfApi, constants
+
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    if not constants.is_offline_mode():
+        try:
+            return str(HfApi().dataset_info(repo_id, revision=revision).sha)
+        except Exception:  # noqa: BLE001 - load_dataset reports the failure with its own words
+            pass
+    ref = _storage_folder(repo_id, "dataset") / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
