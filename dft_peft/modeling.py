@@ -267,6 +267,34 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def restore_half_precision_embeddings(model: Any, cfg: Any) -> list[str]:
+    """Put the frozen embeddings and LM head back in the 4-bit compute dtype (bf16/fp16).
+
+    peft's `prepare_model_for_kbit_training` casts every non-quantized weight to fp32. For the
+    embeddings that makes the whole residual stream fp32 (twice the activation memory of every
+    checkpointed layer input), and for the head it stores a second, fp32 copy of a [vocab, hidden]
+    matrix (2 GB for Llama-3-8B) that the fused loss does not need: it multiplies a bf16 head into
+    fp32 logits chunk by chunk. Axolotl casts them back the same way. Norms stay fp32. Heads or
+    embeddings trained through `lora_modules_to_save` keep fp32. Returns the modules cast.
+    """
+    import torch
+
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    dtype = getattr(quant, "bnb_4bit_compute_dtype", None) if getattr(quant, "load_in_4bit", False) else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return []
+    trained = set(cfg.lora_modules_to_save or [])
+    cast = []
+    for name, module in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
+        if module is None or name in trained or module.weight.dtype == dtype:
+            continue
+        module.to(dtype)
+        cast.append(name)
+    return cast
+
+
 def attach_adapter(model: Any, cfg: Any):
     """LoRA (or QLoRA on a 4-bit model) through peft, or a saved adapter from `lora_model_dir`."""
     import peft
@@ -279,6 +307,7 @@ def attach_adapter(model: Any, cfg: Any):
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
+        restore_half_precision_embeddings(model, cfg)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()

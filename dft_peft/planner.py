@@ -57,9 +57,10 @@ OPTIMIZER_STATE_BYTES = {  # bytes per trainable parameter
 @dataclass(frozen=True)
 class Setup:
     """The YAML choices that move the peak. `act_bytes` is the compute dtype's size (2 for
-    bf16/fp16, 4 for fp32); `upcast_frozen` says the non-quantized weights (embeddings, head,
-    norms) were cast to fp32 by peft's `prepare_model_for_kbit_training`, as dft-peft does today
-    for 4/8-bit models, which also makes the residual stream fp32."""
+    bf16/fp16, 4 for fp32); `upcast_frozen` says the non-quantized weights (embeddings, head)
+    stay in fp32 as peft's `prepare_model_for_kbit_training` leaves them, which also makes the
+    residual stream fp32. dft-peft casts them back to the 4-bit compute dtype
+    (`modeling.restore_half_precision_embeddings`), so by default they are not upcast."""
 
     quant: str | None = "nf4"  # "nf4", "fp4", "int8" or None (16-bit base weights)
     double_quant: bool = True
@@ -76,7 +77,7 @@ class Setup:
     loss_stats: bool = True  # dft-peft logs entropy etc.: one more [rows, vocab] buffer per chunk
     attention: str = "sdpa"  # "sdpa", "flash_attention_2" or "eager"
     packing: bool = False
-    upcast_frozen: bool | None = None  # None: true exactly when quantized (what dft-peft does)
+    upcast_frozen: bool | None = None  # None: false (dft-peft restores bf16/fp16 after peft's cast)
 
     @property
     def tokens(self) -> int:
@@ -84,7 +85,7 @@ class Setup:
 
     @property
     def frozen_bytes(self) -> int:
-        upcast = self.quant is not None if self.upcast_frozen is None else self.upcast_frozen
+        upcast = bool(self.upcast_frozen)
         return 4 if upcast else self.act_bytes
 
     @property
@@ -244,7 +245,7 @@ def loss_working_bytes(shape: ModelShape, setup: Setup) -> int:
 
     fused (dft_peft/losses/fused.py): a copy of the valid rows' hidden states (in the residual
     dtype), their fp32 gradient [n, H], and per chunk one fp32 [rows, V] buffer (plus one more for
-    the logged entropy), rows chosen as fused.py does (>= 16M logits, or n/8 rows when larger).
+    the logged entropy), rows chosen as fused.py does on CUDA (>= 16M logits, or n/8 rows when larger, at most 64M logits).
     naive (TRL): logits [n, V] in the compute dtype, their fp32 upcast, log-softmax and its
     gradient in fp32 (a + 12 bytes per logit).
     """
@@ -257,12 +258,10 @@ def loss_working_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def fused_chunk_rows(vocab: int, rows: int) -> int:
-    """Rows per chunk as dft_peft/losses/fused.py picks them (its constants, restated here so
-    the planner needs no torch tensors): >= 16M logits per chunk, or 1/8 of the rows."""
-    from dft_peft.losses.fused import CHUNKS_PER_BATCH, DEFAULT_CHUNK_ELEMENTS
+    """Rows per chunk as dft_peft/losses/fused.py picks them on a CUDA GPU."""
+    from dft_peft.losses.fused import chunk_rows
 
-    floor = max(8, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1) // 8 * 8)
-    return min(rows, max(floor, (-(-rows // CHUNKS_PER_BATCH) + 7) // 8 * 8))
+    return min(rows, chunk_rows(vocab, rows, "cuda"))
 
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:

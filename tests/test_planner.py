@@ -127,10 +127,12 @@ def test_4bit_weight_bytes_match_bitsandbytes(tiny_qlora):
     cfg, model_dir, before, model = tiny_qlora
     shape, setup = planner.plan_for(cfg, model_dir)
     frozen = quantized_bytes(model) - 4 * planner.lora_parameters(shape, setup)
-    # As loaded: the rest in bf16. After peft's prepare_model_for_kbit_training: the rest in fp32.
-    assert planner.weight_bytes(shape, replace(setup, upcast_frozen=False)) == pytest.approx(before, rel=0.01)
+    # As loaded: the rest in bf16. peft's prepare_model_for_kbit_training casts it to fp32
+    # (upcast_frozen), and dft-peft casts the embeddings and head back to bf16 (norms stay fp32).
+    assert planner.weight_bytes(shape, setup) == pytest.approx(before, rel=0.01)
     assert planner.weight_bytes(shape, setup) == pytest.approx(frozen, rel=0.01)
-    assert model.get_input_embeddings().weight.dtype == torch.float32  # what upcast_frozen models
+    assert planner.weight_bytes(shape, replace(setup, upcast_frozen=True)) > 1.2 * frozen
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     trainable = planner.trainable_bytes(shape, setup)
     lora_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert trainable["adapter weights"] == lora_bytes
@@ -179,7 +181,14 @@ def test_layer_activations_match_saved_tensors(kv_heads):
 
 @pytest.mark.parametrize(("vocab", "rows"), [(128256, 4096), (128256, 32768), (49152, 100), (581, 10000)])
 def test_chunk_rows_are_fused_py_s(vocab, rows):
-    assert planner.fused_chunk_rows(vocab, rows) == min(rows, make_plan("dft", {}).rows_per_chunk(vocab, rows))
+    assert planner.fused_chunk_rows(vocab, rows) == min(rows, make_plan("dft", {}).rows_per_chunk(vocab, rows, "cuda"))
+
+
+def test_cuda_chunks_are_capped_at_64m_logits_and_cpu_chunks_are_not():
+    plan = make_plan("dft", {})
+    assert plan.rows_per_chunk(128256, 32768, "cuda") == 520  # 64M // 128256 = 523, to a multiple of 8
+    assert plan.rows_per_chunk(128256, 32768, "cpu") == 4096
+    assert plan.rows_per_chunk(128256, 1024, "cuda") == plan.rows_per_chunk(128256, 1024, "cpu") == 128
 
 
 def test_llama_8b_estimates_order_and_longest_length():

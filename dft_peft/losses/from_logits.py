@@ -30,7 +30,7 @@ class _LogitsLossFn(torch.autograd.Function):
         cdtype = compute_dtype(logits_2d.dtype)
         grad = torch.zeros_like(logits_2d) if want_grad else None
         total = torch.zeros((), dtype=cdtype, device=logits_2d.device)
-        step = plan.rows_per_chunk(logits_2d.shape[-1], rows.numel())
+        step = plan.rows_per_chunk(logits_2d.shape[-1], rows.numel(), logits_2d.device.type)
         with torch.autocast(logits_2d.device.type, enabled=False):
             for start in range(0, rows.numel(), step):
                 idx = rows[start : start + step]

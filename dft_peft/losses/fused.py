@@ -26,8 +26,23 @@ from dft_peft.losses.stats import TokenStats
 # to stay compute-bound (on a CPU, 64-row chunks made the loss 1.5x slower than the naive path);
 # the fast path keeps one [rows, vocab] buffer per chunk, so the peak stays under a tenth of the
 # naive path's, which holds about three [tokens, vocab] fp32 tensors.
+#
+# On CUDA a chunk is also capped at 64M logits (256 MB fp32, 512 rows of Llama-3's vocabulary):
+# a 512-row bf16 matmul against the head is already compute-bound on current GPUs, and without
+# the cap 1/8 of a 32k-token sequence would be 4,096 rows, two 2 GB buffers.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 CHUNKS_PER_BATCH = 8
+MAX_CHUNK_ELEMENTS_CUDA = 1 << 26
+
+
+def chunk_rows(vocab: int, rows: int, device_type: str = "cpu") -> int:
+    """Rows per chunk for `rows` valid rows of a `vocab`-wide head (see the constants above)."""
+    floor = max(8, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1) // 8 * 8)
+    share = (-(-rows // CHUNKS_PER_BATCH) + 7) // 8 * 8  # ceil(rows / 8), a multiple of 8
+    chosen = max(floor, share)
+    if device_type == "cuda":
+        chosen = min(chosen, max(floor, MAX_CHUNK_ELEMENTS_CUDA // max(vocab, 1) // 8 * 8))
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -69,12 +84,8 @@ class Plan:
     stats: TokenStats | None
     fast: bool = True  # use `of_logp` where the objective has one (tests turn it off to compare)
 
-    def rows_per_chunk(self, vocab: int, rows: int) -> int:
-        if self.chunk_size:
-            return self.chunk_size
-        floor = max(8, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1) // 8 * 8)
-        share = -(-rows // CHUNKS_PER_BATCH)  # ceil
-        return max(floor, (share + 7) // 8 * 8)
+    def rows_per_chunk(self, vocab: int, rows: int, device_type: str = "cpu") -> int:
+        return self.chunk_size or chunk_rows(vocab, rows, device_type)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,7 +208,7 @@ class _FusedLinearLossFn(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=cdtype, device=hidden.device)
-        rows = plan.rows_per_chunk(weight.shape[0], hidden.shape[0])
+        rows = plan.rows_per_chunk(weight.shape[0], hidden.shape[0], hidden.device.type)
         autocast_off = torch.autocast(hidden.device.type, enabled=False)
         with autocast_off:
             for start in range(0, hidden.shape[0], rows):

@@ -1,0 +1,46 @@
+"""The planner's longest trainable sequence for Llama-3.1-8B QLoRA r32 (all linear layers, bf16,
+paged_adamw_8bit, batch 1) under 16 and 24 GiB: naive vs fused loss, checkpointing vs offload.
+
+    python benchmarks/plan_llama8b.py
+
+Estimates from the model's config alone (no GPU, no weights); `benchmarks/gpu/e2e.py` measures
+the same settings on a GPU. Printed side by side so a change to the planner or to what dft-peft
+keeps in memory shows up as a ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dft_peft import planner
+from dft_peft.planner import Setup
+
+LLAMA_31_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+    tie_word_embeddings=False, head_dim=128,
+)
+GIB = 1 << 30
+
+
+def main() -> None:
+    shape = planner.shape_from_config(LLAMA_31_8B)
+    base = Setup(quant="nf4", act_bytes=2, lora_r=32, optimizer="paged_adamw_8bit", attention="flash_attention_2")
+    rows = [
+        ("naive loss, checkpointing, fp32 embeddings (peft's default)", replace(base, loss="naive", checkpointing=True, upcast_frozen=True)),
+        ("fused, checkpointing, fp32 embeddings (peft's default)", replace(base, checkpointing=True, upcast_frozen=True)),
+        ("fused, checkpointing", replace(base, checkpointing=True)),
+        ("fused, offload", replace(base, checkpointing="offload")),
+    ]
+    naive = {}
+    print(f"{'setup':62s} {'16 GiB':>8s} {'24 GiB':>8s}  x naive (16 / 24)")
+    for i, (name, setup) in enumerate(rows):
+        found = [planner.longest_sequence_len(shape, setup, gib * GIB) or 0 for gib in (16, 24)]
+        if i == 0:
+            naive = found
+        ratio = " / ".join(f"{f / n:.1f}" if n else "-" for f, n in zip(found, naive))
+        print(f"{name:62s} {found[0]:8,d} {found[1]:8,d}  {ratio}")
+
+
+if __name__ == "__main__":
+    main()
