@@ -195,7 +195,10 @@ def judge(report: PriorReport, loss: str, loss_params: dict[str, Any] | None = N
     why = f"{100 * low:.0f}% of target tokens have p < 1e-2, median p {report.median_p:.2f}"
     if low <= STRONG_MAX_LOW_SHARE:
         verdict = "strong"
-        advice = f"keep `loss: dft` ({why}; DFT suits data the base model already half-knows)."
+        advice = (
+            f"keep `loss: dft` ({why}); a new output format is still learned more slowly than "
+            "with SFT: check the outputs, or `dft-peft compare --losses sft,dft`."
+        )
         if loss == "sft":
             advice = f"DFT is worth a try (`loss: dft`, or `dft-peft compare --losses sft,dft`): {why}."
     elif low >= WEAK_MIN_LOW_SHARE:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dft_peft import hub
+from dft_peft import hub_datasets
 from dft_peft.data.formats import FORMAT_VERSION
 from dft_peft.data.loading import resolve_files
 from dft_peft.data.spec import DatasetConfig
@@ -28,8 +28,8 @@ META_FILE = "prepared.json"
 
 
 def _files_fingerprint(cfg: DatasetConfig) -> list[list[Any]]:
-    if hub.is_hub_dataset(cfg.path):  # a hub dataset: the commit its revision resolves to
-        return [["hub", cfg.path, hub.dataset_commit(cfg.path, cfg.revision)]]
+    if hub_datasets.is_hub_dataset(cfg.path):  # a hub dataset: the commit its revision resolves to
+        return [["hub", cfg.path, hub_datasets.dataset_commit(cfg.path, cfg.revision)]]
     _, files = resolve_files(cfg)
     out = []
     for f in files:

@@ -2,7 +2,7 @@
 
 Local files: `datasets.load_dataset(<builder>, data_files=...)` reads json/csv/parquet/arrow
 files, and `load_from_disk` reads a folder saved by `save_to_disk`. A hub id (`org/name`) goes
-through `dft_peft.hub.load_hub_dataset` (`datasets.load_dataset` with Axolotl's keys).
+through `dft_peft.hub_datasets.load_hub_dataset` (`datasets.load_dataset` with Axolotl's keys).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dft_peft import hub
+from dft_peft import hub_datasets
 from dft_peft.data.spec import DatasetConfig
 from dft_peft.errors import UserError
 
@@ -91,8 +91,8 @@ def load_raw(cfg: DatasetConfig):
     """The entry's rows as a `datasets.Dataset`."""
     import datasets
 
-    if hub.is_hub_dataset(cfg.path):  # `org/name`: a Hugging Face hub dataset repo
-        return hub.load_hub_dataset(cfg)
+    if hub_datasets.is_hub_dataset(cfg.path):  # `org/name`: a Hugging Face hub dataset repo
+        return hub_datasets.load_hub_dataset(cfg)
     builder, files = resolve_files(cfg)
     check_not_empty(cfg, builder, files)
     try:

@@ -125,10 +125,37 @@ def task_config(task: str, folder: Path, train: Path, kind: str, steps: int) -> 
 # ----------------------------------------------------------------------------- the table
 
 
-def table_row(task: str, report: dict[str, Any], seconds: float) -> dict[str, Any]:
+# What a generation in the task's trained output format looks like (the part DFT may not learn).
+FORMATS = {
+    "gsm-chat": r"#### -?[\d,.]+\s*$",
+    "gsm-alpaca": r"#### -?[\d,.]+\s*$",
+    "chain_sum": r"^[-\d +]+= -?\d+\n#### -?\d+\s*$",
+    "leg_counting": r"^#### \d+\s*$",
+    "invented": r"^<<[^>]*>> ~> -?\d+\n#### -?\d+\s*$",
+}
+
+
+def format_share(task: str, eval_json: Path) -> dict[str, float]:
+    """Per model, the share of greedy generations in the task's trained output format."""
+    import re
+
+    if not eval_json.is_file():
+        return {}
+    records = json.loads(eval_json.read_text())["records"]
+    pattern = re.compile(FORMATS[task])
+    models = records[0]["models"] if records else {}
+    return {m: sum(bool(pattern.search(r["models"][m]["generation"] or "")) for r in records) / len(records) for m in models}
+
+
+def table_row(task: str, report: dict[str, Any], seconds: float, formats: dict[str, float] | None = None) -> dict[str, Any]:
     p = report["prior_check"] or {}
     acc = {r["variant"]: r.get("accuracy") for r in report["variants"]}
+    ce = {r["variant"]: r.get("final_ce") for r in report["variants"] if r.get("final_ce") is not None}
+    folders = {r["variant"]: Path(r["folder"]).name for r in report["variants"] if r.get("folder")}
+    fmt = {v: (formats or {}).get(folders.get(v, v)) for v in acc}
     return {
+        "final_ce": ce,
+        "format": fmt,
         "task": task,
         "mean_p": p.get("mean_p"),
         "median_p": p.get("median_p"),
@@ -147,13 +174,17 @@ def markdown(rows: list[dict[str, Any]], variants: list[str]) -> str:
     def f(x: Any, pattern: str) -> str:
         return "-" if x is None else pattern.format(x)
 
-    head = ["task", "mean p", "median p", "p<1e-2", "p<1e-3", "EOS median p", "verdict", "n"] + [f"acc {v}" for v in ["base", *variants]]
+    head = ["task", "mean p", "median p", "p<1e-2", "p<1e-3", "EOS median p", "verdict", "n"]
+    head += [f"acc {v}" for v in ["base", *variants]] + [f"format {v}" for v in ["base", *variants]]
+    head += [f"final CE {v}" for v in variants]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             r["task"], f(r["mean_p"], "{:.3f}"), f(r["median_p"], "{:.3f}"), f(r["p<1e-2"], "{:.1%}"),
             f(r["p<1e-3"], "{:.1%}"), f(r["eos_median_p"], "{:.4f}"), r["verdict"] or "-", f(r["n"], "{}"),
         ] + [f(r["accuracy"].get(v), "{:.0%}") for v in ["base", *variants]]
+        cells += [f(r.get("format", {}).get(v), "{:.0%}") for v in ["base", *variants]]
+        cells += [f(r.get("final_ce", {}).get(v), "{:.2f}") for v in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int)
     ap.add_argument("--max-new-tokens", type=int, help="default: 200 for GSM, 48 for the short tasks")
     ap.add_argument("--out", default=str(ROOT / "outputs/prior-study"))
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from the tasks' finished compare.json files")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else FULL
     steps = args.steps or preset["steps"]
@@ -196,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.label for v in parse_variants(args.losses)]
     out = Path(args.out)
     settings = {"steps": steps, "limit": limit, "train_rows": train_rows, "losses": args.losses, "quick": args.quick}
+    rows_before = json.loads((out / "table.json").read_text()).get("rows", []) if (out / "table.json").is_file() else []
     rows = earlier_rows(out / "table.json", settings, tasks)
     started = time.time()
     for task in tasks:
@@ -206,8 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         max_new = args.max_new_tokens or (200 if task.startswith("gsm") else 48)
         if args.quick:
             max_new = min(max_new, 16)
-        report = compare(config, args.losses, eval_dataset=test, limit=limit, max_new_tokens=max_new)
-        rows.append(table_row(task, report.to_dict(), time.time() - t0))
+        if args.table_only:
+            report_dict = json.loads((folder / "runs" / "compare.json").read_text())
+            seconds = next((r["seconds"] for r in rows_before if r["task"] == task), 0)
+        else:
+            report_dict = compare(config, args.losses, eval_dataset=test, limit=limit, max_new_tokens=max_new).to_dict()
+            seconds = time.time() - t0
+        formats = format_share(task, folder / "runs" / "compare-eval.json")
+        rows.append(table_row(task, report_dict, seconds, formats))
         (out / "table.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
         (out / "table.md").write_text(markdown(rows, variants) + "\n")
         print(f"=== {task} done in {time.time() - t0:.0f}s", flush=True)
