@@ -439,8 +439,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
+        _close_progress_bars()
         print(f"dft-peft: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _close_progress_bars() -> None:
+    """A run stopped mid-training leaves the Trainer's progress bar open, its cursor mid-line:
+    closing it ends that line, so the error is a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -318,7 +318,7 @@ def validate_prior(cfg: Any) -> PriorReport:
     """`dft-peft validate --prior`: load the tokenizer and base model (no adapter) and check."""
     from dft_peft import modeling
 
-    path = modeling.resolve_model_path(cfg.base_model, cfg.model_revision)
+    path = modeling.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.load_model(cfg, path, tokenizer, modeling.resolve_precision(cfg.bf16, cfg.fp16))
     return prior_check(cfg, model, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def training_arguments(cfg: Config, precision: modeling.Precision, epoch_steps: 
     eval_steps = cfg.eval_steps or _per_epoch(cfg.evals_per_epoch, epoch_steps)
     reporters = cfg.reporters()
     if "wandb" in reporters:
-        wandb_environment(cfg)
+        os.environ.update(wandb_environment(cfg))
     optional: dict[str, Any] = {}
     for ours, theirs in (("adam_beta1", "adam_beta1"), ("adam_beta2", "adam_beta2"), ("adam_epsilon", "adam_epsilon"), ("max_grad_norm", "max_grad_norm")):
         if getattr(cfg, ours) is not None:
@@ -208,16 +209,12 @@ def training_arguments(cfg: Config, precision: modeling.Precision, epoch_steps: 
 
 def wandb_environment(cfg: Config) -> dict[str, str]:
     """Axolotl's `wandb_*` keys as the environment variables wandb reads (as Axolotl sets them)."""
-    import os
-
     names = {
         "wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_mode": "WANDB_MODE",
         "wandb_run_id": "WANDB_RUN_ID", "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL",
         "wandb_name": "WANDB_NAME",
     }
-    values = {env: str(getattr(cfg, key)) for key, env in names.items() if getattr(cfg, key) is not None}
-    os.environ.update(values)
-    return values
+    return {env: str(getattr(cfg, key)) for key, env in names.items() if getattr(cfg, key) is not None}
 
 
 def optimizer_name(optimizer: str) -> str:

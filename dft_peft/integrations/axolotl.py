@@ -71,6 +71,11 @@ _FIGHTING_FLAGS: tuple[tuple[str, str], ...] = (
         "chunked cross-entropy replaces the CE loss function",
     ),
     (
+        "use_eaft",
+        "Axolotl's EAFT computes its own loss from full logits; set `loss: eaft` instead (the "
+        "same objective in dft-peft's fused path, with `eaft_alpha` / `eaft_k`)",
+    ),
+    (
         "orpo_alpha",
         "ORPO adds its own loss term",
     ),

@@ -385,6 +385,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
             "bf16": True,
         },
         "chunked": {"plugins": [plugin], "chunked_cross_entropy": True},
+        "axolotl_eaft": {"plugins": [plugin], "use_eaft": True},
         "rl": {"plugins": [plugin], "rl": "dpo"},
         "asft_full_ft": {"plugins": [plugin], "loss": "asft", "adapter": None},
         "example": {"__file__": str(EXAMPLE)},
@@ -416,6 +417,7 @@ def test_config_keys_and_fighting_settings(assets, tmp_path):
         "cce_flag": "remove `cut_cross_entropy: true`",
         "cce_plugin": "remove `axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin`",
         "chunked": "remove `chunked_cross_entropy: true`",
+        "axolotl_eaft": "set `loss: eaft` instead",
         "rl": "remove `rl: dpo`",
     }.items():
         assert not res[case]["ok"], case
