@@ -19,30 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_run import alpaca_rows, config_dict, tiny_model_dir, write_jsonl, write_yaml
+from tiny_run import alpaca_rows, config_dict, write_jsonl, write_yaml
+
+from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
 from dft_peft.cli import main
 
-ERROR_PREFIX = "dft-peft: error: "
 INF, NAN = float("inf"), float("nan")
 DROP = object()  # remove the key from the working config
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _restore_cli_state(monkeypatch):
-    from datasets.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
-
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(key, os.environ.get(key, "1" if key != "TOKENIZERS_PARALLELISM" else "false"))
-    bars_were_on = not are_progress_bars_disabled()
-    yield
-    if bars_were_on:
-        enable_progress_bars()
 
 
 class Ctx:

@@ -16,30 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import alpaca_rows, config_dict, losses, tiny_model_dir, write_jsonl, write_yaml
+from tiny_run import alpaca_rows, config_dict, losses, write_jsonl, write_yaml
+
+from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
 from dft_peft.cli import EXIT_BAD_INPUT, main
-
-ERROR_PREFIX = "dft-peft: error: "
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _restore_cli_state(monkeypatch):
-    """`main` sets offline/progress-bar defaults in os.environ and turns the datasets progress
-    bars off (stderr is not a terminal here); keep both out of other tests."""
-    from datasets.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
-
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(key, os.environ.get(key, "1" if key != "TOKENIZERS_PARALLELISM" else "false"))
-    bars_were_on = not are_progress_bars_disabled()
-    yield
-    if bars_were_on:
-        enable_progress_bars()
 
 
 @pytest.fixture

@@ -8,35 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
-from tiny_run import alpaca_rows, capture_trainer, config_dict, tiny_model_dir, write_yaml
+from tiny_run import alpaca_rows, capture_trainer, config_dict, write_yaml
 from transformers import TrainerCallback
+
+from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
 from dft_peft.checkpoints import rotate_own_checkpoints
 from dft_peft.cli import main
 from dft_peft.run_identity import RUN_FILE, write_record
-
-ERROR_PREFIX = "dft-peft: error: "
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _restore_cli_state(monkeypatch):
-    from datasets.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
-
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(key, os.environ.get(key, "1" if key != "TOKENIZERS_PARALLELISM" else "false"))
-    bars_were_on = not are_progress_bars_disabled()
-    yield
-    if bars_were_on:
-        enable_progress_bars()
 
 
 class Interrupt(Exception):

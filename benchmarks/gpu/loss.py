@@ -22,29 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for loss_paths
+from loss_paths import fused_loss, naive_loss  # noqa: E402
 
 HIDDEN, VOCAB = 4096, 128256
 SMOKE_HIDDEN, SMOKE_VOCAB = 64, 512
 
 
-def naive_loss(hidden, weight, labels, loss):
-    logits = F.linear(hidden, weight).float()
-    logits, targets = logits[:, :-1], labels[:, 1:]
-    mask = targets != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    per_token = -logp if loss == "sft" else -(logp.exp().detach() * logp)
-    return (per_token * mask).sum() / mask.sum()
-
-
-def fused_loss(hidden, weight, labels, loss):
-    import dft_peft
-
-    return dft_peft.fused_linear_loss(hidden, weight, labels, loss)
 
 
 def liger_dft() -> Callable | None:
