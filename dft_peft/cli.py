@@ -11,11 +11,11 @@ import argparse
 import logging
 import os
 import sys
-import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dft_peft import overrides
 from dft_peft.errors import UserError
 
 EXIT_BAD_INPUT = 2
@@ -276,96 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate the first N problems")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="JSON file for the per-problem records")
-    _note_config_key_clashes(parser)
+    overrides.note_config_key_clashes(parser)
     return parser
 
 
-CONFIG_PREFIX = "--config."
-
-
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate `--key=value` / `--key value` config overrides from the options of the command run.
-
-    Only the options of the command actually being run are kept back (`eval --seed` is eval's
-    sampling seed, `train --seed` the config's `seed`). `--config.KEY=VALUE` is always a config
-    override, which reaches a key that shares its name with the command's own option.
-    """
-    parser = build_parser()
-    items = list(argv)
-    command = next((item for item in items if item in _subparsers(parser)), None)
-    own = _option_strings(parser)
-    if command is not None:
-        own |= _option_strings(_subparsers(parser)[command])
-    known: list[str] = []
-    overrides: list[str] = []
-    i = 0
-    seen_command = False
-    while i < len(items):
-        item = items[i]
-        seen_command = seen_command or item == command
-        name, sep, value = item.partition("=")
-        own_name = _own_option(name, own)
-        if not item.startswith("--") or item == "--" or not seen_command or own_name and not name.startswith(CONFIG_PREFIX):
-            known.append(own_name + sep + value if own_name else item)
-            i += 1
-            continue
-        key = name[len(CONFIG_PREFIX):] if name.startswith(CONFIG_PREFIX) else name[2:]
-        if sep:
-            overrides.append(f"{key}={value}")
-        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
-            overrides.append(f"{key}={items[i + 1]}")
-            i += 1
-        else:
-            overrides.append(_bare_flag(item, key))
-        i += 1
-    return known, overrides
-
-
-def _bare_flag(item: str, key: str) -> str:
-    """`--sample_packing` alone means true for a true/false key; any other key needs a value."""
-    from dft_peft.config import Config
-
-    field = Config.model_fields.get(key.replace("-", "_"))
-    if field is not None and bool in typing.get_args(field.annotation) + (field.annotation,):
-        return f"{key}=true"
-    if field is None:
-        return f"{key}=true"  # an unknown key: the config's key check names it and the closest key
-    raise UserError(f"command-line override `{item}` has no value; write `{item}=VALUE`.")
-
-
-def _own_option(name: str, own: set[str]) -> str:
-    """The command's option `name` refers to (`--max_new_tokens` is `--max-new-tokens`), or ''."""
-    if name in own:
-        return name
-    dashed = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-    return dashed if dashed in own else ""
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
-    return {
-        opt
-        for action in parser._actions
-        if not isinstance(action, argparse._SubParsersAction)
-        for opt in action.option_strings
-    }
-
-
-def _note_config_key_clashes(parser: argparse.ArgumentParser) -> None:
-    """Say in `--help` where a command's option shares its name with a config key."""
-    from dft_peft.config import Config
-
-    for sub in _subparsers(parser).values():
-        for action in sub._actions:
-            if action.dest in Config.model_fields and action.option_strings and action.help != argparse.SUPPRESS:
-                note = f"this command's option, not the config key `{action.dest}` (set that with {CONFIG_PREFIX}{action.dest}=...)"
-                action.help = f"{action.help}; {note}" if action.help else note
+    """(the command's own arguments, config overrides): see `dft_peft.overrides`."""
+    return overrides.split_overrides(argv, build_parser())
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -417,14 +334,16 @@ def _one_line(exc: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        known, overrides = split_overrides(argv)
+        known, config_overrides = split_overrides(argv)
     except UserError as exc:
-        if "--debug" in argv:
-            raise
+        if "--debug" in argv:  # as below: the traceback, then the same line and exit code
+            import traceback
+
+            traceback.print_exc()
         print(f"dft-peft: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = build_parser().parse_args(known)
-    args.overrides = overrides
+    args.overrides = config_overrides
     _setup_logging()
     try:
         return args.func(args)

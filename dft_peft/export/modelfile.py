@@ -56,7 +56,7 @@ def default_system_prompt(chat_template: str | None) -> str | None:
 
 def render_modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
     fmt = chat_format(chat_template)
-    lines = [f"# Ollama: ollama create NAME -f Modelfile   (written by dft-peft export)", f"FROM ./{gguf_name}", ""]
+    lines = ["# Ollama: ollama create NAME -f Modelfile   (written by dft-peft export)", f"FROM ./{gguf_name}", ""]
     stops: list[str] = []
     if fmt is not None:
         _, template, stops = FORMATS[fmt]
