@@ -11,29 +11,13 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_run import alpaca_rows, capture_trainer, config_dict, write_yaml
-from transformers import TrainerCallback
+from tiny_run import Interrupt, alpaca_rows, capture_trainer, config_dict, stop_at_step, write_yaml
 
 from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
 from dft_peft.checkpoints import rotate_own_checkpoints
 from dft_peft.cli import main
 from dft_peft.run_identity import RUN_FILE, write_record
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAtStep(TrainerCallback):
-    """A kill after `step` optimizer steps (checkpoints up to then are on disk)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt(f"stopped at step {state.global_step}")
 
 
 def weighted_rows(weights: list[float]) -> list[dict]:
@@ -78,7 +62,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def interrupted_run(monkeypatch, capsys, config: Path, step: int = 3) -> None:
     with monkeypatch.context() as m:
-        capture_trainer(m, StopAtStep(step))
+        capture_trainer(m, stop_at_step(step))
         with pytest.raises(Interrupt):
             main(["train", str(config)])
     capsys.readouterr()

@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_run import alpaca_rows, capture_trainer, losses, make_config, tiny_model_dir, write_jsonl
-from transformers import TrainerCallback
+from tiny_run import Interrupt, alpaca_rows, capture_trainer, losses, make_config, tiny_model_dir, stop_at_step, write_jsonl
 
 from dft_peft.checkpoints import STAGING, last_checkpoint
 from dft_peft.config import load_config
@@ -161,19 +160,6 @@ def test_packed_and_unpacked_give_the_same_first_step_loss(model_dir, tmp_path, 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class Interrupt(Exception):
-    """Stands in for Ctrl-C / a killed job."""
-
-
-class StopAtStep(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt(f"stopped at step {state.global_step}")
-
-
 def test_interrupted_run_resumes_from_the_last_complete_checkpoint(model_dir, data4, tmp_path, monkeypatch):
     settings = dict(loss="dft", micro_batch_size=2, max_steps=6, save_steps=3)
 
@@ -184,7 +170,7 @@ def test_interrupted_run_resumes_from_the_last_complete_checkpoint(model_dir, da
     # B1: the same run, killed after step 4 (checkpoint-3 written, step-6 save never reached).
     out_b = tmp_path / "b"
     with monkeypatch.context() as m:
-        capture_trainer(m, StopAtStep(4))
+        capture_trainer(m, stop_at_step(4))
         with pytest.raises(Interrupt):
             train(make_config(model_dir, data4, out_b, **settings))
     assert (out_b / "checkpoint-3" / "optimizer.pt").is_file()
@@ -296,7 +282,6 @@ def test_saved_adapter_reloads_with_plain_peft(model_dir, data4, tmp_path, monke
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["loss"] == "dft" and metrics["loss_params"] == {"dft_alpha": 1.0} and metrics["global_step"] == 3
     assert metrics["first_log"]["step"] == 1 and "ce" in metrics["first_log"] and "p_mean" in metrics["first_log"]
-
 
 
 def test_gradient_accumulation_is_exact_through_the_trainer(model_dir, data4, tmp_path):

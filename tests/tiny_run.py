@@ -117,3 +117,20 @@ def capture_trainer(monkeypatch, *callbacks: Any) -> list[Any]:
 
     monkeypatch.setattr(train_module, "install_metrics_callback", install)
     return seen
+
+
+class Interrupt(Exception):
+    """Stands in for Ctrl-C / a killed job."""
+
+
+def stop_at_step(step: int):
+    """A TrainerCallback that raises `Interrupt` after `step` optimizer steps (the checkpoints
+    written up to then are on disk), as a kill would leave them."""
+    from transformers import TrainerCallback
+
+    class StopAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupt(f"stopped at step {state.global_step}")
+
+    return StopAtStep()

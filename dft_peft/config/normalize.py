@@ -58,16 +58,22 @@ def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
     return data
 
 
+def pop_switch(data: dict[str, Any], key: str) -> bool:
+    """Remove an Axolotl on/off switch from `data`: True when it is on (unset and false are off)."""
+    value = data.pop(key, None)
+    if value is None or value is False:
+        return False
+    if value is not True:
+        raise ValueError(f"`{key}` must be true or false (got {value!r}).")
+    return True
+
+
 def fold_legacy_attention(data: dict[str, Any]) -> None:
     chosen = data.get("attn_implementation")
     flags = []
     for flag, impl in LEGACY_ATTENTION_FLAGS.items():
-        value = data.pop(flag, None)
-        if value is None or value is False:
-            continue
-        if value is not True:
-            raise ValueError(f"`{flag}` must be true or false (got {value!r}).")
-        flags.append((flag, impl))
+        if pop_switch(data, flag):
+            flags.append((flag, impl))
     if len(flags) > 1:
         names = " and ".join(f"`{f}`" for f, _ in flags)
         raise ValueError(f"{names} are both set; keep one (or use `attn_implementation`).")
@@ -84,11 +90,8 @@ def fold_legacy_attention(data: dict[str, Any]) -> None:
 def fold_loss_switches(data: dict[str, Any]) -> None:
     """Axolotl's `use_eaft: true` -> `loss: eaft` (its `eaft_alpha` / `eaft_k` are that loss's own keys)."""
     for switch, loss in LOSS_SWITCHES.items():
-        value = data.pop(switch, None)
-        if value is None or value is False:
+        if not pop_switch(data, switch):
             continue
-        if value is not True:
-            raise ValueError(f"`{switch}` must be true or false (got {value!r}).")
         chosen = data.get("loss")
         if chosen is not None and chosen != loss:
             raise ValueError(
