@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dft_peft import planner
-from dft_peft.planner import Setup
+from dft_peft.memory import planner
+from dft_peft.memory.planner import Setup
 
 LLAMA_31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,

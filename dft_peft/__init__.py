@@ -6,6 +6,7 @@
 The public API is re-exported here; everything else is an implementation detail.
 """
 
+from dft_peft import _moved
 from dft_peft.losses import (
     TokenStats,
     available_losses,
@@ -19,6 +20,8 @@ from dft_peft.losses import (
 )
 
 __version__ = "0.1.0"
+
+_moved.install()  # v0.2's flat import paths (dft_peft.planner, ...) keep working, with a warning
 
 __all__ = [
     "TokenStats",

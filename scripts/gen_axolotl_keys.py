@@ -24,7 +24,7 @@ It reads, from the installed Axolotl (never from a hand-kept list):
 Outputs (data, not code; dft_peft/config/axolotl_keys.py loads the first and sorts its keys):
 
 * dft_peft/config/axolotl_keys.json
-* dft_peft/data/axolotl_chat_templates.json
+* dft_peft/config/axolotl_chat_templates.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_FILE = REPO / "dft_peft" / "config" / "axolotl_keys.json"
-TEMPLATES_FILE = REPO / "dft_peft" / "data" / "axolotl_chat_templates.json"
+TEMPLATES_FILE = REPO / "dft_peft" / "config" / "axolotl_chat_templates.json"
 
 # Axolotl's dataset models: which `datasets:` entries each describes.
 DATASET_MODELS = {

@@ -1,4 +1,4 @@
-"""Fixtures for tests that call `dft_peft.cli.main` in-process (import them into the module).
+"""Fixtures for tests that call `dft_peft.cli` in-process (import them into the module).
 
 `main` sets offline/progress-bar defaults in os.environ and turns the datasets progress bars off
 (stderr is not a terminal under pytest); `restore_cli_state` keeps both out of other tests.

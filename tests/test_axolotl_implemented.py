@@ -15,11 +15,11 @@ import pytest
 from tiny_models import tiny_causal_lm
 from transformers import TrainerControl, TrainerState
 
-from dft_peft import modeling
+from dft_peft.model import adapter, loading
 from dft_peft.config import Config
 from dft_peft.errors import UserError
-from dft_peft.train import optimizer_name, training_arguments
-from dft_peft.watchdog import LossWatchdog
+from dft_peft.training.arguments import optimizer_name, training_arguments
+from dft_peft.training.watchdog import LossWatchdog
 
 BASE = {
     "base_model": "x", "adapter": "lora", "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-4,
@@ -51,7 +51,7 @@ def test_loss_watchdog_stops_after_patience_losses_above_threshold(caplog):
 
 
 def test_loss_watchdog_is_installed_from_the_config():
-    from dft_peft.watchdog import install_loss_watchdog
+    from dft_peft.training.watchdog import install_loss_watchdog
 
     added = []
     trainer = SimpleNamespace(add_callback=added.append)
@@ -61,7 +61,7 @@ def test_loss_watchdog_is_installed_from_the_config():
 
 
 def _lora_layer(cfg):
-    model = modeling.attach_adapter(tiny_causal_lm("llama"), cfg)
+    model = adapter.attach_adapter(tiny_causal_lm("llama"), cfg)
     return next(m for name, m in model.named_modules() if name.endswith("q_proj") and hasattr(m, "scaling"))
 
 
@@ -78,7 +78,7 @@ def test_lora_fan_in_fan_out_reaches_peft():
 
 
 def test_evals_per_epoch_zero_means_no_evaluation():
-    precision = modeling.Precision(False, False)
+    precision = loading.Precision(False, False)
     with_evals = training_arguments(cfg_with(val_set_size=0.1, evals_per_epoch=2), precision, 10, has_eval=True)
     assert with_evals.eval_strategy == "steps" and with_evals.eval_steps == 5
     none = training_arguments(cfg_with(val_set_size=0.1, evals_per_epoch=0), precision, 10, has_eval=True)
@@ -103,7 +103,7 @@ def test_flex_attention_selects_the_implementation():
 
 
 def test_liger_kernels_without_liger_or_gpu_leave_the_model_alone(caplog):
-    from dft_peft.liger import apply_liger_kernels, requested_kernels, unavailable_reason
+    from dft_peft.model.liger import apply_liger_kernels, requested_kernels, unavailable_reason
 
     cfg = cfg_with(liger_rms_norm=True, liger_glu_activation=True, liger_rope=True, liger_layer_norm=True)
     assert set(requested_kernels(cfg)) == {"rms_norm", "swiglu", "geglu", "rope", "layer_norm"}
@@ -121,7 +121,7 @@ def test_liger_kernels_without_liger_or_gpu_leave_the_model_alone(caplog):
 def test_liger_kernels_replace_modules_on_gpu():
     import torch
 
-    from dft_peft.liger import apply_liger_kernels, unavailable_reason
+    from dft_peft.model.liger import apply_liger_kernels, unavailable_reason
 
     if not torch.cuda.is_available() or unavailable_reason():
         pytest.skip(f"needs CUDA and liger-kernel ({unavailable_reason()})")

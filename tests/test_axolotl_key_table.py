@@ -27,8 +27,8 @@ from dft_peft.config.axolotl_keys import (
     plugin_of,
 )
 from dft_peft.config.keys import GENERIC_REFUSAL, is_axolotl_key, key_category, loss_param_owners, supported_keys
-from dft_peft.data.dataset_types import type_category
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.config.dataset_types import type_category
+from dft_peft.config.datasets import DatasetConfig
 from dft_peft.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -209,8 +209,8 @@ def test_implemented_keys_parse(tmp_path):
 
 
 def test_optimizer_precision_and_tracker_keys_reach_the_trainer(tmp_path, monkeypatch):
-    from dft_peft import modeling
-    from dft_peft.train import training_arguments, wandb_environment
+    from dft_peft.model import loading
+    from dft_peft.training.arguments import training_arguments, wandb_environment
 
     for name in ("WANDB_PROJECT", "WANDB_MODE", "WANDB_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -222,7 +222,7 @@ def test_optimizer_precision_and_tracker_keys_reach_the_trainer(tmp_path, monkey
     assert cfg.attn_implementation == "eager" and cfg.model_revision == "abc123"
     assert cfg.reporters() == ["wandb"]
     monkeypatch.setattr(cfg, "use_wandb", False)  # no wandb package here: check the arguments only
-    args = training_arguments(cfg, modeling.Precision(False, False), 10, has_eval=False)
+    args = training_arguments(cfg, loading.Precision(False, False), 10, has_eval=False)
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm) == (0.8, 0.95, 1e-7, 0.5)
     assert wandb_environment(cfg) == {"WANDB_PROJECT": "proj", "WANDB_MODE": "offline", "WANDB_RUN_ID": "r1"}
 

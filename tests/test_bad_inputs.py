@@ -4,7 +4,7 @@ Every case is something a new user can type: a config value, a data file, a comm
 argument, a folder. Each must give exactly one `dft-peft: error: ...` line on stderr, no
 traceback, exit code 2, and the line must name what is wrong (the key, the file, the value).
 
-The CLI runs in-process (`dft_peft.cli.main`, stderr through capsys) so the whole corpus stays
+The CLI runs in-process (`dft_peft.cli`, stderr through capsys) so the whole corpus stays
 fast; `validate` is used wherever it is enough, since it must catch everything `train` would.
 A handful of cases run the installed script in a subprocess (tests/test_cli.py has more).
 """

@@ -13,7 +13,7 @@ from test_data_helpers import make_tokenizer, trained_text, write_jsonl
 
 from dft_peft.config.axolotl_keys import chat_template_names
 from dft_peft.data import DatasetConfig, prepare_datasets
-from dft_peft.data.templates import REFUSED_TEMPLATES, accepted_template_names, check_template_name, template_text
+from dft_peft.config.chat_templates import REFUSED_TEMPLATES, accepted_template_names, check_template_name, template_text
 from dft_peft.errors import UserError
 
 CONVO = [
@@ -115,7 +115,7 @@ def test_top_level_eot_tokens_reach_every_dataset(tmp_path):
 
 
 def test_alpaca_styles_train_the_output_and_prompt_like_training(tmp_path):
-    from dft_peft.math_eval import build_prompt
+    from dft_peft.evaluate.prompts import build_prompt
 
     tok = make_tokenizer()
     rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5."}]

@@ -1,7 +1,7 @@
 """`dft-peft` on the command line: bad input is one line on stderr and exit code 2 (a traceback
 only with --debug); `validate` tells what a run would do; `train` takes --key=value overrides.
 
-Most cases call `dft_peft.cli.main` in-process (fast); a few run the installed `dft-peft`
+Most cases call `dft_peft.cli` in-process (fast); a few run the installed `dft-peft`
 script in a subprocess, where stderr and the exit code are exactly what a user sees.
 """
 
@@ -20,7 +20,7 @@ from tiny_run import alpaca_rows, config_dict, losses, write_jsonl, write_yaml
 
 from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
-from dft_peft.cli import EXIT_BAD_INPUT, main
+from dft_peft.cli.commands import EXIT_BAD_INPUT, main
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tiny_run import alpaca_rows, config_dict, tiny_model_dir, write_jsonl, write_yaml
 
-from dft_peft.cli import build_parser, main, split_overrides
+from dft_peft.cli.commands import build_parser, main, split_overrides
 from dft_peft.config import Config, load_config
 
 COMMANDS_WITH_CONFIG = ("train", "validate", "preprocess", "eval", "inspect", "generate")

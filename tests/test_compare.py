@@ -10,7 +10,7 @@ from tiny_run import config_dict, tiny_model_dir, write_jsonl, write_yaml
 
 import dft_peft.train as train_module
 from dft_peft.cli import main
-from dft_peft.compare import parse_variants
+from dft_peft.cli.compare import parse_variants
 from dft_peft.errors import UserError
 
 ROWS = [

@@ -6,6 +6,7 @@ import pytest
 from test_data_helpers import TEST_CHATML, make_tokenizer, trained_text, write_jsonl
 
 from dft_peft.data import DatasetConfig, prepare_datasets
+from dft_peft.config.dataset_types import forget_format
 from dft_peft.data.formats import FORMATS, FormatContext, RowError, register
 from dft_peft.errors import UserError
 
@@ -75,6 +76,7 @@ def test_registry_makes_a_new_format_one_function():
         assert FORMATS[cfg.type]({"q": "hi", "a": "yo"}, cfg, None) == [("HI", False), ("yo", True)]
     finally:
         del FORMATS["shout_test"]
+        forget_format("shout_test")
 
 
 # --- chat_template -------------------------------------------------------------------------------

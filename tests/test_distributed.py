@@ -282,7 +282,7 @@ def test_killed_rank_ends_the_run_with_one_line_and_resume_continues(launch):
         # map_location=args.device, which on CPU is `cpu:<rank>` and fails to load; GPUs (cuda:N)
         # and our pinned 5.23 ("cpu") are fine.
         pytest.skip(f"transformers {transformers.__version__} cannot resume a multi-process CPU run")
-    from dft_peft.checkpoints import last_checkpoint
+    from dft_peft.training.checkpoint_folders import last_checkpoint
 
     last = last_checkpoint(out)
     assert last is not None

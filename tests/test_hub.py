@@ -136,7 +136,7 @@ def test_dropped_connection_resumes_with_the_same_bytes(tmp_path):
     with HubServer() as server:
         repo = server.add(Repo("tiny-org/big", "model", {"config.json": b"{}", "model.safetensors": shard}))
         repo.drop_after["model.safetensors"] = 15 * 1024 * 1024
-        done = _python("from dft_peft import hub; print(hub.fetch('tiny-org/big'))", _env(tmp_path / "hf", server.url))
+        done = _python("from dft_peft.model import hub; print(hub.fetch('tiny-org/big'))", _env(tmp_path / "hf", server.url))
         ranges = [r for m, p, r in server.requests if m == "GET" and p.endswith("model.safetensors")]
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("tiny-org/big", "model.safetensors") in server._dropped
@@ -234,7 +234,7 @@ _DATA_DRIVER = """
     import json, sys
     from dft_peft.data.cache import _files_fingerprint
     from dft_peft.data.loading import load_raw
-    from dft_peft.data.spec import DatasetConfig
+    from dft_peft.config.datasets import DatasetConfig
     out = []
     for entry in json.loads(sys.argv[1]):
         cfg = DatasetConfig(path="%s", type="alpaca", **entry)
@@ -301,7 +301,7 @@ LLAMA_REPO = [
 
 
 def test_only_what_loading_needs_is_chosen():
-    from dft_peft.hub import choose_files
+    from dft_peft.model.hub import choose_files
 
     assert choose_files(LLAMA_REPO, "model") == sorted(
         ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
@@ -316,7 +316,7 @@ def test_only_what_loading_needs_is_chosen():
 
 def test_gguf_only_repo_names_its_files():
     from dft_peft.errors import UserError
-    from dft_peft.hub import choose_files
+    from dft_peft.model.hub import choose_files
 
     ggufs = ["README.md", "m.Q4_K_M.gguf", "m.Q8_0.gguf"]
     with pytest.raises(UserError, match=r"holds GGUF files only: add `gguf_file:` naming one of m\.Q4_K_M\.gguf, m\.Q8_0\.gguf"):

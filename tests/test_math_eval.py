@@ -11,9 +11,7 @@ from test_probe import ROWS, build_tiny_model, save_random_adapter, write_config
 
 from dft_peft.cli import main
 from dft_peft.data import DatasetConfig, alpaca_prompt
-from dft_peft.math_eval import (
-    build_prompt,
-    evaluate,
+from dft_peft.evaluate.answers import (
     extract_answer,
     is_correct,
     normalize_answer,
@@ -21,6 +19,8 @@ from dft_peft.math_eval import (
     to_number,
     truncate_generation,
 )
+from dft_peft.evaluate.math_eval import evaluate
+from dft_peft.evaluate.prompts import build_prompt
 
 # ----------------------------------------------------------------------------- answers
 

@@ -10,8 +10,9 @@ import torch
 from tiny_models import batch, tiny_causal_lm
 
 import dft_peft
-from dft_peft import modeling
-from dft_peft.offload import offload_checkpointed_inputs, offloaded_checkpoint
+from dft_peft.memory.activations import apply_activation_memory
+from dft_peft.model import adapter
+from dft_peft.memory.offload import offload_checkpointed_inputs, offloaded_checkpoint
 
 
 def adapter_cfg(checkpointing, dropout: float) -> SimpleNamespace:
@@ -24,7 +25,9 @@ def adapter_cfg(checkpointing, dropout: float) -> SimpleNamespace:
 
 def loss_and_lora_grads(checkpointing, *, dropout: float = 0.1, arch: str = "llama"):
     model = tiny_causal_lm(arch, seed=3, num_hidden_layers=3)
-    model = modeling.attach_adapter(model, adapter_cfg(checkpointing, dropout))
+    cfg = adapter_cfg(checkpointing, dropout)
+    model = adapter.attach_adapter(model, cfg)
+    apply_activation_memory(model, cfg)
     torch.manual_seed(7)
     with torch.no_grad():  # peft starts B at zero, which would leave every A gradient zero
         for name, p in model.named_parameters():
@@ -95,7 +98,7 @@ def test_dft_peft_train_with_offload_logs_the_losses_of_plain_checkpointing(tmp_
     checkpointing log the same losses as with plain checkpointing."""
     import tiny_run
 
-    from dft_peft import offload
+    from dft_peft.memory import offload
     from dft_peft.config import Config
     from dft_peft.train import train
 

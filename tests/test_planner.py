@@ -17,7 +17,9 @@ import transformers
 import tiny_run
 from tiny_models import COMMON
 
-from dft_peft import cli, modeling, planner
+from dft_peft import cli
+from dft_peft.model import adapter, loading, source
+from dft_peft.memory import planner
 from dft_peft.config import Config
 from dft_peft.errors import UserError
 from dft_peft.losses.fused import make_plan
@@ -71,7 +73,7 @@ def test_parameter_count_matches_transformers(config):
 def test_smollm2_gguf_header_matches_its_tensors_and_transformers(smollm2_config):
     from gguf import GGUFReader
 
-    path = modeling._package_file(SMOLLM2)
+    path = source.package_file(SMOLLM2)
     stored = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
     shape = planner.shape_from_config(smollm2_config)
     assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.vocab) == (576, 30, 9, 3, 49152)
@@ -128,10 +130,10 @@ def tiny_qlora(tmp_path_factory):
     cfg = Config.from_dict(
         tiny_run.config_dict(model_dir, data, tmp_path_factory.mktemp("o"), adapter="qlora", load_in_4bit=True, bf16=True, lora_r=8)
     )
-    tokenizer = modeling.load_tokenizer(cfg, model_dir)
-    model = modeling.load_model(cfg, model_dir, tokenizer, modeling.Precision(bf16=True, fp16=False))
+    tokenizer = loading.load_tokenizer(cfg, model_dir)
+    model = loading.load_model(cfg, model_dir, tokenizer, loading.Precision(bf16=True, fp16=False))
     before = quantized_bytes(model)
-    model = modeling.attach_adapter(model, cfg)
+    model = adapter.attach_adapter(model, cfg)
     return cfg, model_dir, before, model
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_run import alpaca_rows, config_dict, make_config, tiny_model_dir, write_jsonl, write_yaml
 
-from dft_peft import prior
+from dft_peft.evaluate import prior
 from dft_peft.cli import main
 from dft_peft.losses import fused_linear_loss
 from dft_peft.losses.fused import fused_loss_from_plan, make_plan
@@ -37,7 +37,7 @@ def reference_figures(model_dir, cfg, tokenizer, rows):
     """ln p of every target through the plain float64 model's full logits (no fused path)."""
     from transformers import AutoModelForCausalLM
 
-    from dft_peft.probe import load_rows
+    from dft_peft.evaluate.token_logprobs import load_rows
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     sample = load_rows(cfg, tokenizer, max_rows=rows)
@@ -229,11 +229,11 @@ def test_prior_check_leaves_4bit_weights_trainable(model_dir, data):
     """bitsandbytes repacks a Linear4bit for inference the first time it runs in eval mode without
     gradients on an AVX512-bf16 CPU; a prior check that did so changed the QLoRA run after it."""
     bnb = pytest.importorskip("bitsandbytes")
-    from dft_peft import modeling
+    from dft_peft.model import adapter, loading
 
     cfg = make_config(model_dir, data, model_dir / "unused-out", adapter="qlora", load_in_4bit=True, prior_check_rows=2)
-    tokenizer = modeling.load_tokenizer(cfg, model_dir)
-    model = modeling.attach_adapter(modeling.load_model(cfg, model_dir, tokenizer, modeling.resolve_precision(False, False)), cfg)
+    tokenizer = loading.load_tokenizer(cfg, model_dir)
+    model = adapter.attach_adapter(loading.load_model(cfg, model_dir, tokenizer, loading.resolve_precision(False, False)), cfg)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
     if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers):

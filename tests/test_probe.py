@@ -13,7 +13,7 @@ import yaml
 from test_data_helpers import make_tokenizer
 from tiny_run import tiny_assets
 
-from dft_peft import probe
+from dft_peft.evaluate import probe
 from dft_peft.cli import main
 from dft_peft.data.formats import alpaca_prompt
 
@@ -153,7 +153,7 @@ def reference_counts(logp: np.ndarray) -> list[int]:
 def test_chunked_probabilities_equal_full_logits(tiny):
     """Small chunks and padded batches give the same p(y_t) as the full-logits reference."""
     from dft_peft.config import load_config
-    from dft_peft.modeling import load_for_inference
+    from dft_peft.model.loading import load_for_inference
 
     cfg = load_config(tiny["config"])
     model, tokenizer = load_for_inference(cfg, tiny["dft"])

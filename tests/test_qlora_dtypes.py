@@ -12,7 +12,7 @@ import torch
 from tiny_models import tiny_causal_lm
 
 from dft_peft.losses import patch_model
-from dft_peft.modeling import restore_half_precision_embeddings
+from dft_peft.model.adapter import restore_half_precision_embeddings
 
 pytest.importorskip("bitsandbytes")
 

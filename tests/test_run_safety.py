@@ -15,9 +15,9 @@ from tiny_run import Interrupt, alpaca_rows, capture_trainer, config_dict, stop_
 
 from cli_helpers import ERROR_PREFIX, model_dir, restore_cli_state  # noqa: F401 - fixtures
 
-from dft_peft.checkpoints import rotate_own_checkpoints
+from dft_peft.training.checkpoints import rotate_own_checkpoints
 from dft_peft.cli import main
-from dft_peft.run_identity import RUN_FILE, write_record
+from dft_peft.training.run_identity import RUN_FILE, write_record
 
 
 def weighted_rows(weights: list[float]) -> list[dict]:

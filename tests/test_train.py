@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 from tiny_run import Interrupt, alpaca_rows, capture_trainer, losses, make_config, tiny_model_dir, stop_at_step, write_jsonl
 
-from dft_peft.checkpoints import STAGING, last_checkpoint
+from dft_peft.training.checkpoint_folders import last_checkpoint
+from dft_peft.training.checkpoints import STAGING
 from dft_peft.config import load_config
 from dft_peft.train import RESOLVED_CONFIG, train
 
@@ -242,7 +243,7 @@ def test_saved_adapter_reloads_with_plain_peft(model_dir, data4, tmp_path, monke
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dft_peft.modeling import load_for_inference
+    from dft_peft.model.loading import load_for_inference
 
     seen = capture_trainer(monkeypatch)
     out = tmp_path / "out"

@@ -36,7 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dft_peft import modeling, planner  # noqa: E402
+from dft_peft.memory.activations import apply_activation_memory  # noqa: E402
+from dft_peft.model import adapter  # noqa: E402
+from dft_peft.memory import planner  # noqa: E402
 
 LLAMA_31_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -108,7 +110,7 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 
 def adapter_config(checkpointing) -> SimpleNamespace:
-    """The Config fields `modeling.attach_adapter` reads, as a QLoRA YAML would set them."""
+    """The Config fields `adapter.attach_adapter` reads, as a QLoRA YAML would set them."""
     return SimpleNamespace(
         load_in_4bit=True, load_in_8bit=False, gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs=None, lora_model_dir=None, lora_target_modules=None,
@@ -118,7 +120,9 @@ def adapter_config(checkpointing) -> SimpleNamespace:
 
 def prepare(shape: dict, device: str, dtype: torch.dtype, checkpointing):
     model = build_model(shape, device, dtype)
-    model = modeling.attach_adapter(model, adapter_config(checkpointing))
+    cfg = adapter_config(checkpointing)
+    model = adapter.attach_adapter(model, cfg)
+    apply_activation_memory(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if device == "cuda":
         import bitsandbytes as bnb

@@ -12,7 +12,7 @@ Where each concern lives:
 """
 
 from dft_peft.config.keys import is_axolotl_key
-from dft_peft.config.load import build_config, load_config, parse_overrides
-from dft_peft.config.schema import Config, SpecialTokens
+from dft_peft.config.load import Config, build_config, load_config, parse_overrides
+from dft_peft.config.schema import SpecialTokens
 
 __all__ = ["Config", "SpecialTokens", "build_config", "is_axolotl_key", "load_config", "parse_overrides"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dft_peft.errors import UserError, did_you_mean
+
 if TYPE_CHECKING:
-    from dft_peft.config.schema import Config
+    from dft_peft.config.schema import ConfigSchema as Config
 
 
 def check_consistency(cfg: Config) -> None:
@@ -76,8 +78,6 @@ def warn_questionable(cfg: Config) -> None:
 
 def check_raw_values(raw: dict, label: str) -> None:
     """Checks on the mapping as written, before empty values are dropped as "unset"."""
-    from dft_peft.errors import UserError
-
     if "loss" in raw and (raw["loss"] is None or (isinstance(raw["loss"], str) and not raw["loss"].strip())):
         raise UserError(
             f"{label}: `loss` is empty; write `loss: dft` (or sft, asft, prob, power), or remove the line for sft."
@@ -112,8 +112,6 @@ def looks_like_path(value: str) -> bool:
 def _input_folder(key: str, value: str | None, *, needs: str | None = None, files_ok: tuple[str, ...] = ()) -> None:
     from pathlib import Path
 
-    from dft_peft.errors import UserError
-
     if value is None or not looks_like_path(value):
         return
     path = Path(value).expanduser()
@@ -130,8 +128,6 @@ def _input_folder(key: str, value: str | None, *, needs: str | None = None, file
 def _output_folder(key: str, value: str | None, *, optional: bool) -> None:
     import os
     from pathlib import Path
-
-    from dft_peft.errors import UserError
 
     if value is None and optional:
         return
@@ -156,8 +152,6 @@ def check_paths(cfg: Config) -> None:
     loader; anything written as a path must exist and be the right kind of thing.
     """
     from pathlib import Path
-
-    from dft_peft.errors import UserError
 
     base = cfg.base_model
     if base and looks_like_path(base):
@@ -192,8 +186,6 @@ def check_paths(cfg: Config) -> None:
 
 def check_model_config(cfg: Config, model_config) -> None:
     """Limits only the model's config knows: its position limit."""
-    from dft_peft.errors import UserError
-
     limit = getattr(model_config, "max_position_embeddings", None)
     rope = getattr(model_config, "rope_scaling", None)
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
@@ -206,8 +198,6 @@ def check_model_config(cfg: Config, model_config) -> None:
 
 def check_lora_targets_exist(model, targets: list[str]) -> None:
     """Every module named in `lora_target_modules` must exist (peft fails only when none does)."""
-    from dft_peft.errors import UserError, did_you_mean
-
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     full = {name for name, _ in model.named_modules() if name}
     missing = [t for t in targets if t not in names and t not in full and not any(n.endswith("." + t) for n in full)]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from dft_peft.config.schema import Config
+    from dft_peft.config.schema import ConfigSchema as Config
 
 
 def describe(cfg: Config) -> str:

@@ -25,7 +25,10 @@ from dft_peft.config.axolotl_keys import (
     plugin_of,
     plugin_path,
 )
+from dft_peft.config.datasets import DatasetConfig
 from dft_peft.config.normalize import INPUT_ONLY_KEYS
+from dft_peft.config.schema import ConfigSchema
+from dft_peft.losses.registry import loss_param_names
 from dft_peft.errors import UserError, closest, did_you_mean
 
 UNSET = "unset"
@@ -34,15 +37,11 @@ GENERIC_REFUSAL = "an Axolotl option dft-peft does not implement"
 
 def loss_param_owners() -> dict[str, str]:
     """Every objective parameter key -> the objective that declares it."""
-    from dft_peft.losses.registry import loss_param_names
-
     return {key: name for name, keys in loss_param_names().items() for key in keys}
 
 
 def supported_keys() -> set[str]:
-    from dft_peft.config.schema import Config
-
-    return set(Config.model_fields) | set(INPUT_ONLY_KEYS)
+    return set(ConfigSchema.model_fields) | set(INPUT_ONLY_KEYS)
 
 
 def is_axolotl_key(key: str) -> bool:
@@ -203,8 +202,6 @@ def sort_dataset_keys(
     Keys that are neither dft-peft's nor Axolotl's stay in the entry, so that the schema names
     them as typos with the closest dataset key.
     """
-    from dft_peft.data.spec import DatasetConfig
-
     ours = set(DatasetConfig.model_fields)
     out = dict(fields)
     for list_key in ("datasets", "test_datasets"):

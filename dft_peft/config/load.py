@@ -13,8 +13,30 @@ from dft_peft.config.keys import check_override_key, drop_axolotl_plugins, sort_
 from dft_peft.config.checks import check_raw_values, warn_questionable
 from dft_peft.config.messages import describe_validation_error, primary_error, yaml_error_location, yaml_problem
 from dft_peft.config.paths import resolve_paths
-from dft_peft.config.schema import Config
+from dft_peft.config.schema import ConfigSchema
 from dft_peft.errors import UserError
+from dft_peft.losses.registry import validate_loss_params
+
+
+class Config(ConfigSchema):
+    """A validated run configuration; field names, defaults and meanings follow Axolotl.
+
+    Build one with `load_config(path)` or `Config.from_dict(mapping)`: they also run the
+    unknown-key checks, resolve relative paths and validate the objective's parameters, which
+    plain `Config(...)` does not.
+    """
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str | Path = "config",
+        base_dir: str | Path | None = None,
+        overrides: list[str] | Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Validate a parsed YAML mapping: key checks, path resolution, objective parameters."""
+        return build_config(data, source=source, base_dir=base_dir, overrides=overrides)
 
 
 def load_config(path: str | Path, overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
@@ -135,8 +157,6 @@ def build_config(
     except ValidationError as exc:
         key = (primary_error(exc).get("loc") or (None,))[0]
         raise UserError(f"{_label_for(key, label, over)}: {describe_validation_error(exc)}") from None
-
-    from dft_peft.losses.registry import validate_loss_params
 
     try:
         cfg._loss_params = validate_loss_params(cfg.loss, loss_params)

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.config.datasets import DatasetConfig
+from dft_peft.config.schema import ConfigSchema, SpecialTokens
 from dft_peft.errors import did_you_mean
 
 
@@ -57,13 +58,11 @@ def _short_repr(value: Any) -> str:
 
 
 def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    from dft_peft.config.schema import Config, SpecialTokens
-
     if loc and loc[0] in ("datasets", "test_datasets"):
         return DatasetConfig
     if loc and loc[0] == "special_tokens":
         return SpecialTokens
-    return Config
+    return ConfigSchema
 
 
 def primary_error(exc: ValidationError) -> dict[str, Any]:

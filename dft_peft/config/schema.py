@@ -25,15 +25,18 @@ Where we deliberately differ from Axolotl:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from dft_peft.config.chat_templates import check_template_name
 from dft_peft.config.checks import check_consistency, reject_bool_number
+from dft_peft.config.describe import describe
+from dft_peft.config.fsdp import normalise_fsdp_config
 from dft_peft.config.normalize import normalize_inputs
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.losses.registry import validate_loss_params
+from dft_peft.config.datasets import DatasetConfig
 
 Optimizer = Literal[
     "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
@@ -59,13 +62,10 @@ class SpecialTokens(BaseModel):
     additional_special_tokens: list[str] | None = None
 
 
-class Config(BaseModel):
-    """A validated run configuration; field names, defaults and meanings follow Axolotl.
-
-    Build one with `load_config(path)` (or `Config.from_dict(mapping)`): they also run the
-    unknown-key checks, resolve relative paths and validate the objective's parameters, which
-    plain `Config(...)` does not.
-    """
+class ConfigSchema(BaseModel):
+    """The fields of a run configuration, their validators and queries; names, defaults and
+    meanings follow Axolotl. Users get `dft_peft.config.Config` (this plus `from_dict`, defined
+    beside `load_config` in load.py, which reads the YAML through these fields)."""
 
     # allow_inf_nan=False: `learning_rate: .inf` is refused up front, not found as a NaN adapter.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
@@ -226,8 +226,6 @@ class Config(BaseModel):
     @field_validator("fsdp_config")
     @classmethod
     def _fsdp_config_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from dft_peft.distributed import normalise_fsdp_config
-
         return normalise_fsdp_config(value)
 
     @field_validator("optimizer", mode="before")
@@ -293,14 +291,12 @@ class Config(BaseModel):
     @field_validator("chat_template")
     @classmethod
     def _known_chat_template(cls, value: str | None) -> str | None:
-        from dft_peft.data.templates import check_template_name
-
         return value if value is None else check_template_name(value)
 
     # ----------------------------------------------------------------------------- consistency
 
     @model_validator(mode="after")
-    def _eot_tokens_reach_datasets(self) -> Config:
+    def _eot_tokens_reach_datasets(self) -> ConfigSchema:
         """Axolotl reads `eot_tokens` at the top level; the data layer reads it per entry."""
         if self.eot_tokens is not None:
             for entry in [*self.datasets, *(self.test_datasets or [])]:
@@ -309,35 +305,17 @@ class Config(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> Config:
+    def _check_consistency(self) -> ConfigSchema:
         check_consistency(self)
         if self.pad_to_sequence_len is None:
             self.pad_to_sequence_len = self.sample_packing
         return self
-
-    # ------------------------------------------------------------------------------- building
-
-    @classmethod
-    def from_dict(
-        cls,
-        data: Mapping[str, Any],
-        *,
-        source: str | Path = "config",
-        base_dir: str | Path | None = None,
-        overrides: list[str] | Mapping[str, Any] | None = None,
-    ) -> Config:
-        """Validate a parsed YAML mapping: key checks, path resolution, objective parameters."""
-        from dft_peft.config.load import build_config
-
-        return build_config(data, source=source, base_dir=base_dir, overrides=overrides)
 
     # -------------------------------------------------------------------------------- queries
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The chosen objective's parameters, defaults filled in (e.g. {"dft_alpha": 1.0})."""
         if self._loss_params is None:
-            from dft_peft.losses.registry import validate_loss_params
-
             self._loss_params = validate_loss_params(self.loss, {})
         return dict(self._loss_params)
 
@@ -387,6 +365,4 @@ class Config(BaseModel):
 
     def describe(self) -> str:
         """A human-readable summary plus the full resolved config, for `dft-peft validate`."""
-        from dft_peft.config.describe import describe
-
         return describe(self)

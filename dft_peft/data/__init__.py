@@ -14,7 +14,7 @@ from typing import Any
 from dft_peft.data.collator import make_collator
 from dft_peft.data.formats import FORMATS, alpaca_prompt
 from dft_peft.data.report import PackingReport, TokenizeReport
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.config.datasets import DatasetConfig
 from dft_peft.errors import UserError
 
 __all__ = [

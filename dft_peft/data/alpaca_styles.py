@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dft_peft.data.formats import FormatContext, Segment, _eos_segment, register, required_text
+from dft_peft.data.segments import FormatContext, Segment, eos_segment, register, required_text
 
 if TYPE_CHECKING:
-    from dft_peft.data.spec import DatasetConfig
+    from dft_peft.config.datasets import DatasetConfig
 
 SYSTEM = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -89,7 +89,7 @@ def _register(name: str, style: str, system: str = SYSTEM, system_no_input: str 
         output = required_text(row, "output", name)
         value = row.get("input")
         prompt = styled_prompt(style, instruction, None if value is None else str(value), system, system_no_input)
-        return [(prompt, False), (output, True), *_eos_segment(ctx, cfg, True)]
+        return [(prompt, False), (output, True), *eos_segment(ctx, cfg, True)]
 
     fmt.__name__ = fmt.__qualname__ = name.replace(":", "_").replace(".", "_")
     register(name)(fmt)

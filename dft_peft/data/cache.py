@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dft_peft import hub_datasets
+from dft_peft.data import hub as hub_datasets
 from dft_peft.data.formats import FORMAT_VERSION
 from dft_peft.data.loading import resolve_files
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.config.datasets import DatasetConfig
 
 META_FILE = "prepared.json"
 

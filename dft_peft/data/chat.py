@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from dft_peft.config.chat_templates import accepted_template_names, template_text
+from dft_peft.config.datasets import DEFAULT_ROLE_ALIASES
+from dft_peft.data.segments import RowError
 from dft_peft.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
-    from dft_peft.data.formats import FormatContext, Segment
-    from dft_peft.data.spec import DatasetConfig
+    from dft_peft.data.segments import FormatContext, Segment
+    from dft_peft.config.datasets import DatasetConfig
 
 TOKENIZER_DEFAULT = "tokenizer_default"
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
@@ -38,8 +41,6 @@ def resolve_chat_template(override: str | None, tokenizer: Any, where: str) -> s
             return template
         override = override.removeprefix(FALLBACK_PREFIX)
     if override and override != TOKENIZER_DEFAULT:
-        from dft_peft.data.templates import accepted_template_names, template_text
-
         named = template_text(override)  # Axolotl's own Jinja text for its template names
         if named is not None:
             return named
@@ -57,7 +58,6 @@ def resolve_chat_template(override: str | None, tokenizer: Any, where: str) -> s
 
 
 def _messages(row: Mapping[str, Any], cfg: DatasetConfig) -> list[dict[str, str]]:
-    from dft_peft.data.formats import RowError
 
     raw = row.get(cfg.field_messages)
     if not isinstance(raw, list) or not raw:
@@ -80,7 +80,6 @@ def _messages(row: Mapping[str, Any], cfg: DatasetConfig) -> list[dict[str, str]
 
 
 def _render(ctx: FormatContext, messages: list[dict[str, str]]) -> str:
-    from dft_peft.data.formats import RowError
 
     try:
         return ctx.tokenizer.apply_chat_template(
@@ -94,8 +93,6 @@ def _render(ctx: FormatContext, messages: list[dict[str, str]]) -> str:
 def check_trained_roles(messages: list[dict[str, str]], cfg: DatasetConfig) -> None:
     """A row with no trained message is dropped, unless that is a naming mistake: a misspelled
     `roles_to_train` entry, or data roles that match no known role (then every row would go)."""
-    from dft_peft.data.formats import RowError
-    from dft_peft.data.spec import DEFAULT_ROLE_ALIASES
 
     found = sorted({m["role"] for m in messages})
     for wanted in cfg.roles_to_train:
@@ -118,7 +115,6 @@ def chat_segments(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext
     is fixed by the template (nothing to learn) and whitespace after the marker is the template's
     separator, not part of the reply.
     """
-    from dft_peft.data.formats import RowError
 
     messages = _messages(row, cfg)
     full = _render(ctx, messages)
@@ -209,7 +205,6 @@ def turn_markers(cfg: DatasetConfig, ctx: FormatContext) -> TurnMarkers | None:
     """Axolotl's token-exact end-of-turn rule when the config asks for it (`eot_tokens` or
     `train_on_eot` set); None keeps dft-peft's default, which trains the template's whole
     end-of-turn marker (e.g. `<|im_end|>` even when the tokenizer's EOS is another token)."""
-    from dft_peft.errors import UserError
 
     if cfg.eot_tokens is None and cfg.train_on_eot is None:
         return None
@@ -238,7 +233,6 @@ def located_segments(
     message's text is found in order in the full rendering, and its end-of-turn marker is the
     text that follows it when the conversation is rendered up to that message, where the full
     rendering has the same text there."""
-    from dft_peft.data.formats import RowError
 
     train_roles = set(cfg.roles_to_train)
     trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]

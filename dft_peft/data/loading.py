@@ -2,28 +2,19 @@
 
 Local files: `datasets.load_dataset(<builder>, data_files=...)` reads json/csv/parquet/arrow
 files, and `load_from_disk` reads a folder saved by `save_to_disk`. A hub id (`org/name`) goes
-through `dft_peft.hub_datasets.load_hub_dataset` (`datasets.load_dataset` with Axolotl's keys).
+through `dft_peft.data.hub.load_hub_dataset` (`datasets.load_dataset` with Axolotl's keys).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from dft_peft import hub_datasets
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.data import hub as hub_datasets
+from dft_peft.config.datasets import DatasetConfig
+from dft_peft.config.hub_ids import HUB_ID
+from dft_peft.data.file_types import BUILDERS, DS_TYPE_BUILDER
 from dft_peft.errors import UserError
 
-# extension -> datasets builder
-BUILDERS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-}
-DS_TYPE_BUILDER = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -78,7 +69,7 @@ def _builder(cfg: DatasetConfig, files: list[Path]) -> str:
 
 def _missing_path_message(path: str) -> str:
     if path.startswith(("hf://", "http://", "https://")) or (
-        _HUB_ID.match(path) and Path(path).suffix.lower() not in BUILDERS
+        HUB_ID.match(path) and Path(path).suffix.lower() not in BUILDERS
     ):
         return (
             f"dataset path {path} is not a local file or folder; for a Hugging Face hub dataset write its repo id "

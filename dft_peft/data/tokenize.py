@@ -17,7 +17,7 @@ import numpy as np
 
 from dft_peft.data.formats import FORMATS, RENDERS_OWN_SPECIAL_TOKENS, FormatContext, RowError, Segment
 from dft_peft.data.report import TokenizeReport
-from dft_peft.data.spec import DatasetConfig
+from dft_peft.config.datasets import DatasetConfig
 from dft_peft.errors import UserError, did_you_mean
 
 IGNORE_INDEX = -100

@@ -36,11 +36,11 @@ def default_gguf_path(cfg: Any, quant: str) -> Path:
 
 def _source_gguf(cfg: Any) -> Path | None:
     """The GGUF file the base model was converted from, if it was one (no download)."""
-    from dft_peft import modeling
+    from dft_peft.model import source
 
     base = str(cfg.base_model)
-    if base.startswith(modeling.PKG_SCHEME):
-        return modeling._package_file(base)
+    if base.startswith(source.PKG_SCHEME):
+        return source.package_file(base)
     path = Path(base).expanduser()
     if path.suffix == ".gguf":
         return path
@@ -65,7 +65,7 @@ def export_gguf(cfg: Any, adapter: str | Path | None = None, out: str | Path | N
     from dft_peft.export.gguf import family_for, quant_types, write_gguf
     from dft_peft.export.modelfile import write_modelfile
     from dft_peft.export.vocab import source_gguf_pre
-    from dft_peft.modeling import resolve_model_path
+    from dft_peft.model.source import resolve_model_path
 
     quant_types(quant)
     model_path = resolve_model_path(cfg.base_model, cfg.model_revision, getattr(cfg, "gguf_file", None))

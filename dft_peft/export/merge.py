@@ -13,7 +13,7 @@ from typing import Any
 def load_merged(cfg: Any, adapter_dir: str | Path | None = None) -> tuple[Any, Any]:
     """(merged model, tokenizer): the config's base model with the adapter (default: output_dir)
     folded into its weights, as a plain transformers model."""
-    from dft_peft.modeling import load_for_inference
+    from dft_peft.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(cfg, adapter_dir or cfg.output_dir)
     return model.merge_and_unload(), tokenizer

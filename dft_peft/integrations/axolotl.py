@@ -267,7 +267,7 @@ class DFTPlugin(BasePlugin):
         # (gradient accumulation then averages over all target tokens of the step).
         if hasattr(trainer, "model_accepts_loss_kwargs") and not trainer.model_accepts_loss_kwargs:
             trainer.model_accepts_loss_kwargs = True
-        from dft_peft.metrics import install_metrics_callback
+        from dft_peft.training.metrics import install_metrics_callback
 
         install_metrics_callback(trainer)
 

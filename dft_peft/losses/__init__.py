@@ -1,5 +1,7 @@
 """Objectives, the fused linear-head loss and the model patch."""
 
+# Importing `objectives` registers the built-in objectives (sft, dft, ...) in the registry.
+from dft_peft.losses import objectives  # noqa: F401
 from dft_peft.losses.from_logits import compute_loss_func, loss_from_logits
 from dft_peft.losses.fused import fused_linear_loss
 from dft_peft.losses.patch import patch_model, patch_state, unpatch_model

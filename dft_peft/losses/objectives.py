@@ -15,12 +15,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dft_peft.losses.logprobs import target_logprobs  # noqa: F401  (part of this module's API)
 from dft_peft.losses.registry import register_loss, register_loss_of_logp
-
-
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per row, without materialising a second [n, V] log-softmax tensor."""
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 @register_loss_of_logp("sft")

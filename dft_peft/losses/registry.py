@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dft_peft.errors import UserError, did_you_mean
+from dft_peft.losses.logprobs import target_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ def register_loss_of_logp(
     """
 
     def decorator(fn: Objective) -> Objective:
-        from dft_peft.losses.objectives import target_logprobs
-
         takes_targets = "targets" in inspect.signature(fn).parameters
 
         def on_logits(logits: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -134,9 +133,8 @@ def _load_entry_points() -> None:
 
 
 def _ensure_builtins() -> None:
-    # Importing the module runs its @register_loss decorators.
-    from dft_peft.losses import objectives  # noqa: F401
-
+    # The built-ins registered themselves when `dft_peft.losses` imported `objectives`; the
+    # plugins of other packages come in through their entry points, once.
     _load_entry_points()
 
 

@@ -56,7 +56,7 @@ class TokenStats:
         """Means per token since the last call (empty when no token was seen); resets the sums.
 
         `reduce` adds the sums and the token count over processes before the division (e.g.
-        `dft_peft.distributed.all_reduce_sum`), so under DDP the means are the global batch's,
+        `dft_peft.training.distributed.all_reduce_sum`), so under DDP the means are the global batch's,
         token-weighted, not an average of per-rank means. It is a collective: every rank calls
         it, also one that saw no token since the last log.
         """

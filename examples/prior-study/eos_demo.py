@@ -62,10 +62,11 @@ def measure(config: Path, adapter: Path | None, limit: int, max_new: int) -> dic
     from dft_peft.config import load_config
     from dft_peft.data.collator import pad_id_of
     from dft_peft.data.tokenize import default_prefix_ids
-    from dft_peft.math_eval import build_prompt, load_problems
-    from dft_peft.modeling import load_for_inference
-    from dft_peft.prior import end_of_turn_ids
-    from dft_peft.probe import load_rows, target_logprobs
+    from dft_peft.evaluate.math_eval import load_problems
+    from dft_peft.evaluate.prompts import build_prompt
+    from dft_peft.model.loading import load_for_inference
+    from dft_peft.evaluate.prior import end_of_turn_ids
+    from dft_peft.evaluate.token_logprobs import load_rows, target_logprobs
 
     cfg = load_config(config)
     model, tok = load_for_inference(cfg, adapter)

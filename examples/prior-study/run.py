@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from dft_peft.cli import _setup_logging
-    from dft_peft.compare import compare, parse_variants
+    from dft_peft.cli.compare import compare, parse_variants
 
     _setup_logging()
     variants = [v.label for v in parse_variants(args.losses)]

@@ -139,7 +139,7 @@ import json, logging, warnings
 warnings.filterwarnings("ignore"); logging.disable(logging.WARNING)
 from types import SimpleNamespace
 import transformers
-import dft_peft.liger as liger
+import dft_peft.model.liger as liger
 liger.unavailable_reason = lambda: None  # no CUDA here: the modules are swapped, never run
 cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=4, num_key_value_heads=2)

@@ -217,11 +217,11 @@ def compare(
             }
         )
     if prior is None:
-        from dft_peft.prior import validate_prior
+        from dft_peft.evaluate.prior import validate_prior
 
         prior = validate_prior(configs[0]).metrics()
     if eval_dataset is not None:
-        from dft_peft.math_eval import evaluate
+        from dft_peft.evaluate.math_eval import evaluate
 
         report = evaluate(
             configs[0],

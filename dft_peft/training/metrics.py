@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from dft_peft.distributed import all_reduce_sum
+from dft_peft.training.distributed import all_reduce_sum
 from dft_peft.losses.patch import patch_state
 
 # `objective` repeats Trainer's own `loss`; `tokens` is bookkeeping, not a metric.

@@ -14,6 +14,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from dft_peft.config.axolotl_keys import chat_template_names
 from dft_peft.errors import did_you_mean
 
 TEMPLATES_FILE = Path(__file__).with_name("axolotl_chat_templates.json")
@@ -47,8 +48,6 @@ def axolotl_templates() -> dict[str, str]:
 
 def axolotl_template_names() -> frozenset[str]:
     """Names Axolotl's config accepts for `chat_template:` (its ChatTemplate enum)."""
-    from dft_peft.config.axolotl_keys import chat_template_names
-
     return chat_template_names()
 
 

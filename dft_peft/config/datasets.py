@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dft_peft.config.dataset_types import resolve_type
+
 
 DsType = Literal["json", "jsonl", "csv", "parquet", "arrow"]
 TrainOnEos = Literal["turn", "all", "none", "last"]
@@ -56,10 +58,6 @@ class DatasetConfig(BaseModel):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
-        # Imported here: formats.py must stay importable without this module (the registry is the
-        # single source of truth for which types exist, so a new format needs no change here).
-        from dft_peft.data.dataset_types import resolve_type
-
         return resolve_type(value)
 
     @model_validator(mode="before")

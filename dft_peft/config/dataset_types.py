@@ -8,7 +8,30 @@ is the same (`alpaca:instruct` and `alpaca_instruct` are `alpaca`, `alpaca_chat`
 
 from __future__ import annotations
 
+from dft_peft.config.axolotl_keys import dataset_type_names, preference_dataset_types
 from dft_peft.errors import did_you_mean
+
+# dft-peft's formats by name. The config validates `type:` before any data code is imported, so
+# the built-in names (`dft_peft/data/formats.py`, `alpaca_styles.py`) are listed here, and
+# `data.segments.register` declares any other format as it registers it: a new format stays one
+# decorated function. tests/test_layers.py checks the built-ins against the data room's registry.
+BUILTIN_FORMAT_NAMES = frozenset({
+    "alpaca", "completion", "input_output", "chat_template",
+    "alpaca:chat", "alpaca:chatml", "alpaca:phi",
+    "alpaca_instruct.load_no_prompt", "alpaca_chat.load_no_prompt", "alpaca_chat.load_concise",
+})
+FORMAT_NAMES: set[str] = set(BUILTIN_FORMAT_NAMES)
+
+
+def declare_format(name: str) -> None:
+    """Make `name` a valid `type:` (called by the data room's format registry)."""
+    FORMAT_NAMES.add(name)
+
+
+def forget_format(name: str) -> None:
+    """Undo `declare_format` for a format that is not built in (tests register and remove one)."""
+    if name not in BUILTIN_FORMAT_NAMES:
+        FORMAT_NAMES.discard(name)
 
 # Axolotl's name -> the dft-peft format producing the same text.
 AXOLOTL_TYPE_ALIASES = {
@@ -29,10 +52,7 @@ CONVERT_HINT = "convert the rows to `type: chat_template` (a messages list) or `
 
 def type_category(name: str) -> tuple[str, str]:
     """(`implemented` | `refused` | `unknown`, our format name or the reason) for a `type:`."""
-    from dft_peft.config.axolotl_keys import dataset_type_names, preference_dataset_types
-    from dft_peft.data.formats import FORMATS
-
-    if name in FORMATS:
+    if name in FORMAT_NAMES:
         return "implemented", name
     if name in AXOLOTL_TYPE_ALIASES:
         return "implemented", AXOLOTL_TYPE_ALIASES[name]
@@ -53,14 +73,11 @@ def type_category(name: str) -> tuple[str, str]:
 
 def resolve_type(name: str) -> str:
     """The dft-peft format for a `type:` value, or a ValueError naming the reason."""
-    from dft_peft.config.axolotl_keys import dataset_type_names
-    from dft_peft.data.formats import FORMATS
-
     kind, detail = type_category(name)
     if kind == "implemented":
         return detail
     if kind == "refused":
         raise ValueError(f"dataset type `{name}` is not supported: {detail}.")
-    known = set(FORMATS) | set(AXOLOTL_TYPE_ALIASES)
+    known = set(FORMAT_NAMES) | set(AXOLOTL_TYPE_ALIASES)
     hint = did_you_mean(name, known) or did_you_mean(name, dataset_type_names())
-    raise ValueError(f"unknown dataset type `{name}`; dft-peft's: {', '.join(sorted(FORMATS))}." + hint)
+    raise ValueError(f"unknown dataset type `{name}`; dft-peft's: {', '.join(sorted(FORMAT_NAMES))}." + hint)

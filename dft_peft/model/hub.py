@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dft_peft.config.hub_ids import is_hub_id, storage_folder
 from dft_peft.errors import UserError, closest
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["model", "config", "tokenizer", "adapter"]
 
-# `org/name`: what the hub accepts as a repo id (and what is not a path on this machine).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
@@ -39,13 +38,6 @@ _TOKENIZER_FILES = (
 )
 _CONFIG_FILES = ("config.json", "generation_config.json")
 _KIND_KEY = {"model": "base_model", "config": "base_model_config", "tokenizer": "tokenizer_config", "adapter": "lora_model_dir"}
-
-
-def is_hub_id(value: str | None) -> bool:
-    """`org/name` that is not a file or folder here: looks like a hub repo id."""
-    if not value or "://" in value or value.startswith((".", "/", "~")):
-        return False
-    return bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 
 def local_source(cfg, key: str) -> str | None:
@@ -160,7 +152,7 @@ def _list_repo(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile
 def _download(repo_id: str, sha: str, revision: str | None, wanted: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
-    snapshot = _storage_folder(repo_id) / "snapshots" / sha
+    snapshot = storage_folder(repo_id) / "snapshots" / sha
     missing = [f for f in wanted if not (snapshot / f).exists()]
     if missing:
         logger.info("dft-peft: downloading %d file(s) of %s@%s into the Hugging Face cache", len(missing), repo_id, sha[:12])
@@ -175,7 +167,7 @@ def _download(repo_id: str, sha: str, revision: str | None, wanted: list[str]) -
 def _remember_ref(repo_id: str, revision: str, sha: str) -> None:
     """Write refs/<revision> -> sha: we download by sha (one consistent commit), and an offline
     run later asks for the branch name, as the user's config does."""
-    ref = _storage_folder(repo_id) / "refs" / revision
+    ref = storage_folder(repo_id) / "refs" / revision
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         if not ref.is_file() or ref.read_text() != sha:
@@ -189,7 +181,7 @@ def _check_disk_space(repo_id: str, sha: str, files: list[RemoteFile]) -> None:
     (huggingface_hub only warns, then fails half way with a bare OSError)."""
     from huggingface_hub import constants
 
-    snapshot = _storage_folder(repo_id) / "snapshots" / sha
+    snapshot = storage_folder(repo_id) / "snapshots" / sha
     needed = sum(f.size for f in files if not (snapshot / f.path).exists())
     cache = Path(constants.HF_HUB_CACHE)
     probe = next((p for p in (cache, *cache.parents) if p.exists()), None)
@@ -217,18 +209,11 @@ def _gb(n: int | None) -> str:
 # ----------------------------------------------------------------------------- the cache
 
 
-def _storage_folder(repo_id: str, repo_type: str = "model") -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-
-
 def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     revision = revision or "main"
     if re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
-    ref = _storage_folder(repo_id) / "refs" / revision
+    ref = storage_folder(repo_id) / "refs" / revision
     return ref.read_text().strip() if ref.is_file() else None
 
 
@@ -237,7 +222,7 @@ def _from_cache(repo_id: str, kind: Kind, revision: str | None, gguf_file: str |
     from huggingface_hub import constants
 
     sha = _cached_commit(repo_id, revision)
-    snapshot = _storage_folder(repo_id) / "snapshots" / sha if sha else None
+    snapshot = storage_folder(repo_id) / "snapshots" / sha if sha else None
     offline_hint = (
         "HF_HUB_OFFLINE=1 trains from the cache, so download it first where the hub is reachable "
         f"(`hf download {repo_id}`) or copy the cache folder {constants.HF_HUB_CACHE}"
@@ -264,7 +249,7 @@ def _cached_listing(repo_id: str, sha: str) -> list[str] | None:
         from huggingface_hub._tree_cache import read_tree_cache
     except ImportError:  # older huggingface_hub: no tree cache
         return None
-    entries = read_tree_cache(str(_storage_folder(repo_id)), sha)
+    entries = read_tree_cache(str(storage_folder(repo_id)), sha)
     return list(entries) if entries else None
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dft_peft.errors import UserError
+from dft_peft.training.checkpoint_folders import all_checkpoints, last_checkpoint
 
 logger = logging.getLogger("dft_peft")
 
@@ -119,8 +120,6 @@ def holds_a_run(folder: Path) -> bool:
     """Whether `folder` holds something a run made that could be lost: an adapter or a checkpoint.
     A marker alone (a run that failed before its first save) holds nothing; the next run may
     take the folder, so fixing an out-of-memory batch size needs no --overwrite."""
-    from dft_peft.checkpoints import all_checkpoints
-
     if not folder.is_dir():
         return False
     return any((folder / f).exists() for f in _RUN_OUTPUTS) or bool(all_checkpoints(folder))
@@ -175,8 +174,6 @@ def mark_output_dir(cfg: Any) -> None:
 def check_run_folder(cfg: Any) -> None:
     """What `train` would refuse about output_dir and the checkpoint to resume, without touching
     anything (for `validate`)."""
-    from dft_peft.checkpoints import last_checkpoint
-
     resume = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if resume is None and cfg.auto_resume_from_checkpoints:
         resume = last_checkpoint(cfg.output_dir)

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 from dft_peft.errors import UserError
-from dft_peft.hub import _storage_folder, is_hub_id
+from dft_peft.config.hub_ids import is_hub_id, storage_folder
+from dft_peft.data.file_types import BUILDERS, DS_TYPE_BUILDER
 
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 
@@ -30,8 +31,6 @@ def load_hub_dataset(cfg):
 
     kwargs = {"split": cfg.split}
     if cfg.ds_type:
-        from dft_peft.data.loading import DS_TYPE_BUILDER
-
         names = [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files or ["**"])
         rev = f"@{cfg.revision}" if cfg.revision else ""
         files = [f"hf://datasets/{cfg.path}{rev}/{n}" for n in names]
@@ -53,10 +52,8 @@ def load_hub_dataset(cfg):
 
 def _cached_dataset_files(cfg) -> tuple[str, list[str]] | None:
     """(builder, local files) of `data_files` in the hub cache's snapshot of the dataset, when all are there."""
-    from dft_peft.data.loading import BUILDERS, DS_TYPE_BUILDER
-
     revision = cfg.revision or "main"
-    folder = _storage_folder(cfg.path, "dataset")
+    folder = storage_folder(cfg.path, "dataset")
     ref = folder / "refs" / revision
     sha = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else (ref.read_text().strip() if ref.is_file() else None)
     if sha is None or not (folder / "snapshots" / sha).is_dir():
@@ -127,5 +124,5 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
             return str(HfApi().dataset_info(repo_id, revision=revision).sha)
         except Exception:  # noqa: BLE001 - load_dataset reports the failure with its own words
             pass
-    ref = _storage_folder(repo_id, "dataset") / "refs" / revision
+    ref = storage_folder(repo_id, "dataset") / "refs" / revision
     return ref.read_text().strip() if ref.is_file() else None

@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from dft_peft.config.fsdp import FSDP_KEYS
+from dft_peft.errors import UserError
+from dft_peft.training.checkpoint_folders import last_checkpoint
+
 logger = logging.getLogger("dft_peft")
 
 # Where the prepared dataset goes when a distributed run names no dataset_prepared_path: the
@@ -116,8 +120,6 @@ def setup_process(cfg: Any) -> None:
 
 
 def _resume_hint(output_dir: str) -> str:
-    from dft_peft.checkpoints import last_checkpoint
-
     found = last_checkpoint(output_dir)
     where = f"the last complete checkpoint is {found}" if found else "no checkpoint was complete yet"
     return f"{where}: rerun the same command with auto_resume_from_checkpoints: true to continue from it"
@@ -226,42 +228,6 @@ def _exit_reporting(message: str) -> None:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-# Axolotl's `fsdp_config` keys (axolotl/utils/schemas/fsdp.py, 0.19) -> transformers' names.
-# Axolotl and transformers both accept the older `fsdp_`-prefixed spelling of each.
-FSDP_KEYS = {
-    "fsdp_version": "version",
-    "version": "version",
-    "activation_checkpointing": "activation_checkpointing",
-    "offload_params": "cpu_offload",
-    "cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
-    "state_dict_type": "state_dict_type",
-    "auto_wrap_policy": "auto_wrap_policy",
-    "transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
-    "min_num_params": "min_num_params",
-    "reshard_after_forward": "reshard_after_forward",
-    "sync_module_states": "sync_module_states",
-    "use_orig_params": "use_orig_params",
-}
-
-
-def normalise_fsdp_config(block: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Axolotl's `fsdp_config:` with the `fsdp_` prefixes dropped; an unknown key is an error."""
-    if block is None:
-        return None
-    from dft_peft.errors import did_you_mean
-
-    out = {}
-    for key, value in block.items():
-        name = key[5:] if key.startswith("fsdp_") and key != "fsdp_version" else key
-        if name not in FSDP_KEYS:
-            raise ValueError(f"fsdp_config: unknown key `{key}`.{did_you_mean(name, FSDP_KEYS)}")
-        out[name] = value
-    version = out.get("fsdp_version", out.get("version"))
-    if version is not None and int(version) != 2:
-        raise ValueError("fsdp_config: only FSDP2 is supported; set fsdp_version: 2")
-    return out
-
-
 def fsdp_arguments(fsdp_config: dict[str, Any] | None, fsdp_version: int | None) -> dict[str, Any]:
     """TrainingArguments' `fsdp` / `fsdp_config` for the config's FSDP block ({} without one).
 
@@ -273,8 +239,6 @@ def fsdp_arguments(fsdp_config: dict[str, Any] | None, fsdp_version: int | None)
     """
     if not fsdp_config and not fsdp_version:
         return {}
-    from dft_peft.errors import UserError
-
     if fsdp_version is not None and fsdp_version != 2:
         raise UserError(f"fsdp_version: {fsdp_version} is not supported; use fsdp_version: 2 (FSDP2)")
     if not torch.cuda.is_available():

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from dft_peft import hub, modeling
+from dft_peft.model import hub
+from dft_peft.model import adapter, loading, source
 from dft_peft.errors import UserError
 
 
@@ -21,19 +22,20 @@ def count_parameters_without_weights(cfg: Any, model_path) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     config_source = hub.local_source(cfg, "base_model_config") or model_path
-    config = modeling.load_model_config(cfg, config_source)  # trust_remote_code, position limit: one line
+    config = loading.load_model_config(cfg, config_source)  # trust_remote_code, position limit: one line
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora_model_dir:
         model = peft.PeftModel.from_pretrained(model, hub.local_source(cfg, "lora_model_dir"), is_trainable=True)
     else:
         plain = cfg.model_copy(update={"load_in_4bit": False, "load_in_8bit": False, "gradient_checkpointing": False})
-        model = modeling.attach_adapter(model, plain)
-    return modeling.parameter_counts(model)
+        model = adapter.attach_adapter(model, plain)
+    return loading.parameter_counts(model)
 
 
 def describe_run(cfg: Any) -> str:
-    from dft_peft.train import prepare_data, steps_per_epoch
+    from dft_peft.train import prepare_data
+    from dft_peft.training.arguments import steps_per_epoch
 
     precision, attention, notes = machine_notes(cfg)
     quant = "4-bit " + cfg.bnb_4bit_quant_type if cfg.load_in_4bit else "8-bit" if cfg.load_in_8bit else "none"
@@ -52,7 +54,7 @@ def describe_run(cfg: Any) -> str:
     lines.append(f"model: {cfg.base_model} -> {model_path}")
     trainable, total = count_parameters_without_weights(cfg, model_path)
     lines.append(f"adapter: {cfg.adapter} r={cfg.lora_r} alpha={cfg.lora_alpha}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    tokenizer = modeling.load_tokenizer(cfg, model_path)
+    tokenizer = loading.load_tokenizer(cfg, model_path)
     data = prepare_data(cfg, tokenizer)
     lines.append(data.summary())
     per_epoch = steps_per_epoch(cfg, len(data.train))
@@ -69,23 +71,23 @@ def _model_files_for_validation(cfg: Any):
     weights are not needed to count parameters on a weightless copy); anything else as train finds it."""
     if hub.is_hub_id(cfg.base_model) and not cfg.gguf_file:
         return hub.fetch(cfg.base_model, "tokenizer", revision=cfg.model_revision, key="base_model")
-    return modeling.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
+    return source.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
 
 
-def machine_notes(cfg: Any) -> tuple[modeling.Precision, str | None, list[str]]:
+def machine_notes(cfg: Any) -> tuple[loading.Precision, str | None, list[str]]:
     """(precision, attention, notes): what the run would use here, and what differs from the
     config because of this machine. A config written for a GPU is still valid on a laptop:
     validate lists the differences, `train` is the one that stops."""
     notes: list[str] = []
     cuda = torch.cuda.is_available()
     try:
-        precision = modeling.resolve_precision(cfg.bf16, cfg.fp16)
+        precision = loading.resolve_precision(cfg.bf16, cfg.fp16)
     except UserError as exc:
-        precision = modeling.resolve_precision("auto", None)
+        precision = loading.resolve_precision("auto", None)
         notes.append(f"on this machine `train` would stop: {exc} (valid on a GPU that has it)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        attention = modeling.resolve_attention(cfg.attn_implementation)
+        attention = loading.resolve_attention(cfg.attn_implementation)
     notes += [f"{w.message} (here; the config is fine for an Ampere+ GPU with flash-attn)" for w in caught]
     if not cuda and (cfg.load_in_4bit or cfg.load_in_8bit):
         bits = "4-bit" if cfg.load_in_4bit else "8-bit"

@@ -279,7 +279,7 @@ def prior_check(cfg: Any, model: Any, tokenizer: Any, *, rows: int | None = None
     import torch
 
     from dft_peft.data.collator import pad_id_of
-    from dft_peft.probe import load_rows, target_logprobs
+    from dft_peft.evaluate.token_logprobs import load_rows, target_logprobs
 
     n = rows if rows is not None else getattr(cfg, "prior_check_rows", DEFAULT_ROWS)
     start = time.perf_counter()
@@ -316,9 +316,9 @@ def run_prior_check(cfg: Any, model: Any, tokenizer: Any) -> PriorReport | None:
 
 def validate_prior(cfg: Any) -> PriorReport:
     """`dft-peft validate --prior`: load the tokenizer and base model (no adapter) and check."""
-    from dft_peft import modeling
+    from dft_peft.model import loading, source
 
-    path = modeling.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
-    tokenizer = modeling.load_tokenizer(cfg, path)
-    model = modeling.load_model(cfg, path, tokenizer, modeling.resolve_precision(cfg.bf16, cfg.fp16))
+    path = source.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
+    tokenizer = loading.load_tokenizer(cfg, path)
+    model = loading.load_model(cfg, path, tokenizer, loading.resolve_precision(cfg.bf16, cfg.fp16))
     return prior_check(cfg, model, tokenizer)

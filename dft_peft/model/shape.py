@@ -135,9 +135,9 @@ def model_config(
     if gguf_file and not base_model_config and Path(base_model, gguf_file).is_file():
         return config_from_gguf(Path(base_model, gguf_file))
     if source.startswith("pkg://"):
-        from dft_peft.modeling import _package_file
+        from dft_peft.model.source import package_file
 
-        return config_from_gguf(_package_file(source))
+        return config_from_gguf(package_file(source))
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

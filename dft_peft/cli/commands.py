@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dft_peft import overrides
+from dft_peft.cli import overrides
 from dft_peft.errors import UserError
 
 EXIT_BAD_INPUT = 2
@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)  # before the heavy imports: a config error answers in a second
     from dft_peft.train import train
 
-    from dft_peft.distributed import is_main_process
+    from dft_peft.training.distributed import is_main_process
 
     result = train(cfg, overwrite=getattr(args, "overwrite", False))
     if is_main_process():  # under torchrun / accelerate launch, once
@@ -37,10 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from dft_peft.dry_run import describe_run
+    from dft_peft.cli.dry_run import describe_run
 
     from dft_peft.config.checks import check_paths
-    from dft_peft.run_identity import check_run_folder
+    from dft_peft.training.run_identity import check_run_folder
 
     cfg = _config(args)
     gpu_memory = _gpu_memory(args)  # a bad --gpu-memory answers before the slow parts
@@ -57,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _gpu_memory(args: argparse.Namespace) -> int | None:
-    from dft_peft.planner import parse_memory
+    from dft_peft.memory.planner import parse_memory
 
     text = getattr(args, "gpu_memory", None)
     return parse_memory(text) if text else None
@@ -65,7 +65,7 @@ def _gpu_memory(args: argparse.Namespace) -> int | None:
 
 def _print_memory_plan(cfg, gpu_memory: int | None) -> None:
     """`validate`: the estimated peak GPU memory, part by part, and the longest sequence_len that fits."""
-    from dft_peft import planner
+    from dft_peft.memory import planner
 
     print()
     try:
@@ -76,14 +76,14 @@ def _print_memory_plan(cfg, gpu_memory: int | None) -> None:
 
 def _print_prior_check(cfg) -> None:
     """`validate --prior`: the base model's prior on a sample of the training rows (loads the model)."""
-    from dft_peft.prior import validate_prior
+    from dft_peft.evaluate.prior import validate_prior
 
     print()
     print(validate_prior(cfg).text())
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dft_peft.compare import compare
+    from dft_peft.cli.compare import compare
 
     report = compare(
         args.config,
@@ -99,13 +99,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from dft_peft import modeling
+    from dft_peft.model import loading, source
     from dft_peft.train import prepare_data
 
     cfg = _config(args)
     if not cfg.dataset_prepared_path:
         cfg = cfg.model_copy(update={"dataset_prepared_path": str(Path(cfg.output_dir) / "prepared")})
-    tokenizer = modeling.load_tokenizer(cfg, modeling.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file))
+    tokenizer = loading.load_tokenizer(cfg, source.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file))
     data = prepare_data(cfg, tokenizer)
     print(data.summary())
     print(f"prepared data cached under {cfg.dataset_prepared_path}")
@@ -133,8 +133,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from dft_peft.math_eval import training_prompt
-    from dft_peft.modeling import load_for_inference
+    from dft_peft.evaluate.prompts import training_prompt
+    from dft_peft.model.loading import load_for_inference
 
     cfg = _config(args)
     adapter = None if args.base else (args.adapter or cfg.output_dir)
@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dft_peft.probe import inspect
+    from dft_peft.evaluate.probe import inspect
 
     cfg = _config(args)
     adapters = ([args.adapter] if args.adapter else []) + list(args.compare or [])
@@ -170,7 +170,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dft_peft.math_eval import evaluate
+    from dft_peft.evaluate.math_eval import evaluate
 
     cfg = _config(args)
     report = evaluate(
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the command's own arguments, config overrides): see `dft_peft.overrides`."""
+    """(the command's own arguments, config overrides): see `dft_peft.cli.overrides`."""
     return overrides.split_overrides(argv, build_parser())
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dft_peft.errors import UserError
-from dft_peft.model_shape import LLAMA_LINEARS, ModelShape, config_from_gguf, model_config, shape_from_config
+from dft_peft.model.shape import LLAMA_LINEARS, ModelShape, config_from_gguf, model_config, shape_from_config
 
 __all__ = [
     "LLAMA_LINEARS", "ModelShape", "Setup", "Estimate", "config_from_gguf", "model_config", "shape_from_config",
@@ -60,7 +60,7 @@ class Setup:
     bf16/fp16, 4 for fp32); `upcast_frozen` says the non-quantized weights (embeddings, head)
     stay in fp32 as peft's `prepare_model_for_kbit_training` leaves them, which also makes the
     residual stream fp32. dft-peft casts them back to the 4-bit compute dtype
-    (`modeling.restore_half_precision_embeddings`), so by default they are not upcast."""
+    (`adapter.restore_half_precision_embeddings`), so by default they are not upcast."""
 
     quant: str | None = "nf4"  # "nf4", "fp4", "int8" or None (16-bit base weights)
     double_quant: bool = True

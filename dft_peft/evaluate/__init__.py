@@ -1,0 +1,1 @@
+"""Judging data and results: the prior check, inspect, math eval."""

@@ -1,0 +1,22 @@
+"""What the config asks of activation memory, applied to a model after its adapter is attached.
+
+Gradient checkpointing itself is switched on by `dft_peft.model.adapter` (peft's k-bit preparation
+needs to know); what it keeps between the passes is decided here: each checkpointed layer input
+offloaded to host memory (`gradient_checkpointing: offload`). `train`, the meta-device rehearsal
+and the benchmarks call this one function, so all three run the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dft_peft.memory.offload import offload_checkpointed_inputs
+
+
+def apply_activation_memory(model: Any, cfg: Any) -> list[str]:
+    """Apply the config's activation-memory options to `model`; returns what was applied, for the log."""
+    applied: list[str] = []
+    if cfg.gradient_checkpointing == "offload":
+        layers = offload_checkpointed_inputs(model)
+        applied.append(f"offloaded checkpointing ({layers} layers)")
+    return applied

@@ -1,0 +1,104 @@
+"""The adapter: LoRA (QLoRA on a 4-bit model) through peft, or a saved adapter from
+`lora_model_dir`, with gradient checkpointing enabled the way peft expects it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dft_peft.config.checks import check_lora_targets_exist
+from dft_peft.errors import UserError
+from dft_peft.model import hub
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Names (last component) of every linear layer except the output head: Axolotl's
+    `lora_target_linear`, covering plain, 4-bit and 8-bit bitsandbytes linears."""
+    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, linear_types) and module is not head
+    }
+    return sorted(names)
+
+
+def restore_half_precision_embeddings(model: Any, cfg: Any) -> list[str]:
+    """Put the frozen embeddings and LM head back in the 4-bit compute dtype (bf16/fp16).
+
+    peft's `prepare_model_for_kbit_training` casts every non-quantized weight to fp32. For the
+    embeddings that makes the whole residual stream fp32 (twice the activation memory of every
+    checkpointed layer input), and for the head it stores a second, fp32 copy of a [vocab, hidden]
+    matrix (2 GB for Llama-3-8B) that the fused loss does not need: it multiplies a bf16 head into
+    fp32 logits chunk by chunk. Axolotl casts them back the same way. Norms stay fp32. Heads or
+    embeddings trained through `lora_modules_to_save` keep fp32. Returns the modules cast.
+    """
+    import torch
+
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    dtype = getattr(quant, "bnb_4bit_compute_dtype", None) if getattr(quant, "load_in_4bit", False) else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return []
+    trained = set(cfg.lora_modules_to_save or [])
+    cast = []
+    for name, module in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
+        if module is None or name in trained or module.weight.dtype == dtype:
+            continue
+        module.to(dtype)
+        cast.append(name)
+    return cast
+
+
+def attach_adapter(model: Any, cfg: Any):
+    """LoRA (or QLoRA on a 4-bit model) through peft, or a saved adapter from `lora_model_dir`."""
+    import peft
+
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    checkpointing_kwargs = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    if quantized:
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+        restore_half_precision_embeddings(model, cfg)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    if cfg.lora_model_dir:
+        adapter_dir = hub.local_source(cfg, "lora_model_dir")
+        if not Path(adapter_dir, "adapter_config.json").is_file():
+            raise UserError(f"lora_model_dir `{cfg.lora_model_dir}` has no adapter_config.json; point it at a saved adapter.")
+        return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    targets: list[str] = []
+    if cfg.lora_target_modules:
+        targets = [cfg.lora_target_modules] if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
+    if isinstance(cfg.lora_target_modules, list):
+        check_lora_targets_exist(model, cfg.lora_target_modules)  # peft fails only when none matches
+    if cfg.lora_target_linear:
+        targets = sorted(set(targets) | set(linear_module_names(model)))
+    lora_config = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=cfg.lora_modules_to_save,
+        use_rslora=bool(getattr(cfg, "peft_use_rslora", False)),
+        fan_in_fan_out=bool(getattr(cfg, "lora_fan_in_fan_out", False)),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, lora_config)
+    except ValueError as exc:
+        raise UserError(f"lora_target_modules: {exc}".splitlines()[0]) from None
