@@ -42,5 +42,36 @@ def main() -> None:
         print(f"{name:62s} {found[0]:8,d} {found[1]:8,d}  {ratio}")
 
 
+def rehearsed(budgets: tuple[int, ...] = (16, 24)) -> None:
+    """Longest sequence_len (multiples of 1024) by the planner and by rehearsing the real step on
+    the meta device (dft_peft/memory/rehearsal.py), for the three activation-memory modes."""
+    from dft_peft.config import Config
+    from dft_peft.memory.rehearsal import Rehearser
+
+    base = dict(
+        base_model="meta-llama/Llama-3.1-8B", load_in_4bit=True, adapter="qlora", lora_r=32, lora_alpha=16,
+        lora_target_linear=True, bf16=True, optimizer="paged_adamw_8bit", gradient_checkpointing=True,
+        micro_batch_size=1, learning_rate=1e-4, datasets=[{"path": "d.jsonl", "type": "alpaca"}], loss="dft",
+        attn_implementation="flash_attention_2", sequence_len=2048,
+    )
+    modes = {
+        "checkpointing": {},
+        "activation_offloading": {"activation_offloading": True},
+        "activation_offloading + tiled_mlp": {"activation_offloading": True, "tiled_mlp": True},
+    }
+    shape = planner.shape_from_config(LLAMA_31_8B)
+    print(f"\n{'longest sequence_len (dft, r32, batch 1)':40s} " + " ".join(f"{f'{g} GiB plan / rehearsed':>24s}" for g in budgets))
+    for name, extra in modes.items():
+        cfg = Config.model_validate({**base, **extra})
+        rehearser = Rehearser(cfg, LLAMA_31_8B)
+        cells = []
+        for g in budgets:
+            plan = planner.longest_sequence_len(shape, planner.setup_from_config(cfg), g * GIB, multiple=1024) or 0
+            found, runs = rehearser.longest(g * GIB, hint=plan)
+            cells.append(f"{plan:>11,d} / {found or 0:>10,d}")
+        print(f"{name:40s} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
+
+
 if __name__ == "__main__":
     main()
+    rehearsed()

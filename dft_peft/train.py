@@ -20,7 +20,7 @@ from dft_peft.data import make_collator, prepare_datasets
 from dft_peft.evaluate.prior import run_prior_check
 from dft_peft.losses import patch_model
 from dft_peft.losses.objectives import resolve_special_token_ids
-from dft_peft.memory import planner
+from dft_peft.memory import preflight
 from dft_peft.memory.activations import apply_activation_memory
 from dft_peft.model import adapter, loading, source
 from dft_peft.training import distributed
@@ -54,7 +54,7 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
 
     # 1. Tokenizer and data first: a broken dataset fails before minutes of model loading.
     model_path = source.resolve_model_path(cfg.base_model, cfg.model_revision, cfg.gguf_file)
-    planner.check_fits(cfg, model_path)  # on a CUDA card: one line, not an OOM after loading
+    preflight.check_fits(cfg, model_path)  # on a CUDA card: the step rehearsed on meta (~10 s for 8B), else the planner
     loading.load_model_config(cfg, model_path)  # custom code, position limit: before any loading
     tokenizer = loading.load_tokenizer(cfg, model_path)
     with distributed.main_process_first():  # tokenized once, by rank 0; the others read its cache

@@ -109,10 +109,16 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
     return model
 
 
+TILED = "offload+tiled"  # activation_offloading: true + tiled_mlp: true
+
+
 def adapter_config(checkpointing) -> SimpleNamespace:
-    """The Config fields `adapter.attach_adapter` reads, as a QLoRA YAML would set them."""
+    """The Config fields `adapter.attach_adapter` and `apply_activation_memory` read, as a QLoRA
+    YAML would set them; `offload+tiled` is offloaded checkpointing with the tiled MLP."""
+    tiled = checkpointing == TILED
     return SimpleNamespace(
-        load_in_4bit=True, load_in_8bit=False, gradient_checkpointing=checkpointing,
+        tiled_mlp=tiled, tiled_mlp_num_shards=None,
+        load_in_4bit=True, load_in_8bit=False, gradient_checkpointing="offload" if tiled else checkpointing,
         gradient_checkpointing_kwargs=None, lora_model_dir=None, lora_target_modules=None,
         lora_target_linear=True, lora_r=LORA_R, lora_alpha=16, lora_dropout=0.0, lora_modules_to_save=None,
     )
@@ -200,7 +206,8 @@ def planned(shape: dict, tokens: int, *, loss: str, checkpointing) -> planner.Es
     """The planner's estimate for exactly this run (its shape, dft-peft's QLoRA choices)."""
     setup = planner.Setup(
         quant="nf4", double_quant=True, act_bytes=2, lora_r=LORA_R, optimizer="paged_adamw_8bit",
-        checkpointing=checkpointing, sequence_len=tokens, micro_batch_size=1, loss=loss, attention="sdpa",
+        checkpointing="offload" if checkpointing == TILED else checkpointing, tiled_mlp=checkpointing == TILED,
+        sequence_len=tokens, micro_batch_size=1, loss=loss, attention="sdpa",
     )
     return planner.estimate(planner.shape_from_config({**shape, "model_type": "llama"}), setup)
 
@@ -282,7 +289,8 @@ def run(args) -> dict:
                     n = longest_under_cap(model, optimizer, int(cap_gib * planner.GiB), loss, device, dtype)
                     setup_est = planner.longest_sequence_len(
                         planner.shape_from_config({**shape, "model_type": "llama"}),
-                        planner.Setup(lora_r=LORA_R, checkpointing=checkpointing, loss=loss),
+                        planner.Setup(lora_r=LORA_R, checkpointing="offload" if checkpointing == TILED else checkpointing,
+                                      tiled_mlp=checkpointing == TILED, loss=loss),
                         int(cap_gib * planner.GiB),
                         multiple=1024,
                     )
@@ -317,7 +325,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--losses", nargs="+", default=["naive", "fused"], choices=["naive", "fused"])
-    parser.add_argument("--checkpointing", nargs="+", default=["true", "offload"], help="true and/or offload")
+    parser.add_argument("--checkpointing", nargs="+", default=["true", "offload", TILED], help=f"true, offload and/or {TILED}")
     parser.add_argument("--search-losses", nargs="+", default=["fused"], choices=["naive", "fused"], help="losses for the longest-N search")
     parser.add_argument("--caps", type=float, nargs="+", default=[16, 24], help="GiB caps for the longest-N search")
     parser.add_argument("--no-search", action="store_true")

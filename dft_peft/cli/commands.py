@@ -66,12 +66,21 @@ def _gpu_memory(args: argparse.Namespace) -> int | None:
 def _print_memory_plan(cfg, gpu_memory: int | None) -> None:
     """`validate`: the estimated peak GPU memory, part by part, and the longest sequence_len that fits."""
     from dft_peft.memory import planner
+    from dft_peft.memory.preflight import rehearsal_report
 
     print()
     try:
         print(planner.memory_report(cfg, gpu_memory))
     except UserError as exc:
         print(f"# will it fit\nnot estimated: {exc}")
+        return
+    if not gpu_memory and planner.cuda_memory() is None:  # asked for, or on a GPU: a search takes a minute
+        print("# rehearsed: add --gpu-memory 16GB to run the real step on the meta device and search the longest sequence_len")
+        return
+    try:
+        print(rehearsal_report(cfg, gpu_memory))
+    except Exception as exc:  # a model the meta build does not cover: the estimate above stands
+        print(f"# rehearsed: not run ({str(exc).splitlines()[0][:160]})")
 
 
 def _print_prior_check(cfg) -> None:

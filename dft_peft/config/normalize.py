@@ -27,9 +27,23 @@ BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 # Axolotl's switches that select one of our objectives: `use_eaft: true` means `loss: eaft`.
 LOSS_SWITCHES = {"use_eaft": "eaft"}
 
+# Axolotl 0.19's `activation_offloading` (src/axolotl/utils/schemas/config.py: `Literal["legacy",
+# "disk"] | bool`; Axolotl itself rewrites `gradient_checkpointing: offload` into
+# `gradient_checkpointing: true` + `activation_offloading: true`). What each value does there and here:
+# * `legacy`: Unsloth's offloaded gradient checkpointer, each checkpointed layer input copied to CPU
+#   and back for the recomputation: exactly our `gradient_checkpointing: offload`.
+# * `true`: TRL's OffloadActivations, saved-tensor hooks moving every saved activation to CPU; under
+#   gradient checkpointing the saved activations are the checkpointed layer inputs, so the GPU
+#   memory is that of our offload (TRL also streams the copies; we copy asynchronously, pinned).
+# * `hidden_states` (newer Axolotl spelling of the same idea): the checkpointed hidden states,
+#   which are what our offload moves.
+# * `disk`: the layer inputs go to files on disk; refused, dft-peft keeps them in (pinned) RAM.
+ACTIVATION_OFFLOADING_AS_OFFLOAD = (True, "legacy", "hidden_states")
+
 # Keys accepted on input and folded into other fields by `Config._normalize_inputs`.
 INPUT_ONLY_KEYS = (
     frozenset(LEGACY_ATTENTION_FLAGS) | frozenset(KEY_ALIASES) | {"bnb_config_kwargs"} | frozenset(LOSS_SWITCHES)
+    | {"activation_offloading"}
 )
 
 
@@ -48,6 +62,7 @@ def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
     fold_legacy_attention(data)
     fold_bnb_kwargs(data)
     fold_loss_switches(data)
+    fold_activation_offloading(data)
     if data.get("chat_template_jinja") and not data.get("chat_template"):
         data["chat_template"] = "jinja"  # Axolotl does the same
     # An empty `key:` means "not set" in Axolotl files: use our default where null is no value.
@@ -98,6 +113,29 @@ def fold_loss_switches(data: dict[str, Any]) -> None:
                 f"`{switch}: true` means `loss: {loss}`, which conflicts with `loss: {chosen}`; keep one."
             )
         data["loss"] = loss
+
+
+def fold_activation_offloading(data: dict[str, Any]) -> None:
+    """`activation_offloading: true | legacy | hidden_states` means `gradient_checkpointing: offload`
+    (see ACTIVATION_OFFLOADING_AS_OFFLOAD); `false`/null leaves checkpointing as written."""
+    if "activation_offloading" not in data:
+        return
+    value = data.pop("activation_offloading")
+    if value is None or value is False:
+        return
+    if value == "disk":
+        raise ValueError(
+            "activation_offloading: `disk` is not supported (dft-peft offloads layer inputs to RAM, not to files); "
+            "use `activation_offloading: true`."
+        )
+    if value not in ACTIVATION_OFFLOADING_AS_OFFLOAD or isinstance(value, int) and value is not True:
+        raise ValueError(f"activation_offloading: must be true, false, legacy, hidden_states or disk, not `{value}`.")
+    if data.get("gradient_checkpointing") is False:
+        raise ValueError(
+            "activation_offloading: true offloads the checkpointed layer inputs, but gradient_checkpointing is false; "
+            "drop `gradient_checkpointing: false`."
+        )
+    data["gradient_checkpointing"] = "offload"
 
 
 def fold_bnb_kwargs(data: dict[str, Any]) -> None:

@@ -163,6 +163,16 @@ class ConfigSchema(BaseModel):
         default=False, description="offload: checkpointed layer inputs wait in CPU memory (Axolotl's key)."
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    # Axolotl's tiled MLP keys (src/axolotl/utils/schemas/config.py, 0.19): `tiled_mlp: bool`,
+    # `tiled_mlp_num_shards: int | None`; the same meaning here (dft_peft/memory/tiled_mlp.py),
+    # except the default shard count: Axolotl uses ceil(seq_len / hidden_size) shards, we size
+    # shards so one shard's MLP intermediates stay under 256 MiB (tiled_mlp.DEFAULT_SHARD_BUDGET_BYTES).
+    tiled_mlp: bool = Field(
+        default=False, description="run each decoder layer's MLP over sequence shards (long contexts)."
+    )
+    tiled_mlp_num_shards: int | None = Field(
+        default=None, ge=1, description="shards per MLP call; unset: shards of at most 256 MiB of intermediates."
+    )
     memory_check: bool = Field(
         default=True, description="false: `dft-peft train` skips the will-it-fit check on a CUDA GPU."
     )
@@ -307,6 +317,8 @@ class ConfigSchema(BaseModel):
     @model_validator(mode="after")
     def _check_consistency(self) -> ConfigSchema:
         check_consistency(self)
+        if self.tiled_mlp_num_shards is not None and not self.tiled_mlp:
+            raise ValueError("tiled_mlp_num_shards is set but tiled_mlp is not; add `tiled_mlp: true` or drop the shard count.")
         if self.pad_to_sequence_len is None:
             self.pad_to_sequence_len = self.sample_packing
         return self

@@ -11,6 +11,7 @@ That costs the same three matmuls as the naive path and keeps one chunk of logit
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,7 +174,8 @@ class HeadProjector:
         self.weight = weight
         self.cdtype = cdtype
         self.mixed = weight.dtype != cdtype
-        self.out_dtype_mm = self.mixed and weight.is_cuda
+        # meta: the memory rehearsal (dft_peft/memory/rehearsal.py) stands in for a CUDA run.
+        self.out_dtype_mm = self.mixed and (weight.is_cuda or weight.is_meta)
         self.weight_c = weight if not self.mixed or self.out_dtype_mm else weight.to(cdtype)
         self.bias_c = None if bias is None else bias.to(cdtype)
 
@@ -208,8 +210,11 @@ class _FusedLinearLossFn(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=cdtype, device=hidden.device)
-        rows = plan.rows_per_chunk(weight.shape[0], hidden.shape[0], hidden.device.type)
-        autocast_off = torch.autocast(hidden.device.type, enabled=False)
+        # On meta (the memory rehearsal of a CUDA run) chunk as on CUDA; autocast has no meta
+        # device to switch off (torch.autocast("meta") raises), and nothing to switch off there.
+        device_type = "cuda" if hidden.is_meta else hidden.device.type
+        rows = plan.rows_per_chunk(weight.shape[0], hidden.shape[0], device_type)
+        autocast_off = contextlib.nullcontext() if hidden.is_meta else torch.autocast(device_type, enabled=False)
         with autocast_off:
             for start in range(0, hidden.shape[0], rows):
                 stop = start + rows

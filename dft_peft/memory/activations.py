@@ -2,7 +2,8 @@
 
 Gradient checkpointing itself is switched on by `dft_peft.model.adapter` (peft's k-bit preparation
 needs to know); what it keeps between the passes is decided here: each checkpointed layer input
-offloaded to host memory (`gradient_checkpointing: offload`). `train`, the meta-device rehearsal
+offloaded to host memory (`gradient_checkpointing: offload`, Axolotl's `activation_offloading`), and
+each decoder layer's MLP run over sequence shards (`tiled_mlp`). `train`, the meta-device rehearsal
 and the benchmarks call this one function, so all three run the same model.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from dft_peft.memory.offload import offload_checkpointed_inputs
+from dft_peft.memory.tiled_mlp import apply_tiled_mlp
 
 
 def apply_activation_memory(model: Any, cfg: Any) -> list[str]:
@@ -19,4 +21,8 @@ def apply_activation_memory(model: Any, cfg: Any) -> list[str]:
     if cfg.gradient_checkpointing == "offload":
         layers = offload_checkpointed_inputs(model)
         applied.append(f"offloaded checkpointing ({layers} layers)")
+    if getattr(cfg, "tiled_mlp", False):
+        shards = getattr(cfg, "tiled_mlp_num_shards", None)
+        tiled = apply_tiled_mlp(model, num_shards=shards)
+        applied.append(f"tiled MLP ({tiled} layers, {shards or 'auto'} shards)")
     return applied

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from dft_peft.memory.host_ledger import meta_from_host, meta_host_copy
+from dft_peft.memory.recompute_state import autocast_state, replay_autocast
+
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Run `run(hidden, *rest)` without keeping activations; keep `hidden` in host memory."""
@@ -28,7 +31,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, run: Callable[..., Any], anchor: torch.Tensor, hidden: torch.Tensor, *rest: Any):
         device = hidden.device
         ctx.run, ctx.rest, ctx.device = run, rest, device
-        ctx.autocast = _autocast_state(device.type)
+        ctx.autocast = autocast_state(device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ctx.hidden_on_host = to_host(hidden)
@@ -37,15 +40,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
-        hidden = ctx.hidden_on_host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        hidden = from_host(ctx.hidden_on_host, ctx.device).requires_grad_(True)
         ctx.hidden_on_host = None  # release the host copy as soon as it is back
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            with torch.enable_grad(), replay_autocast(ctx.device.type, ctx.autocast):
                 out = ctx.run(hidden, *ctx.rest)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [
@@ -56,17 +58,22 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, hidden.grad, *([None] * len(ctx.rest)))
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
-
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of `tensor`: pinned and asynchronous from CUDA (the copy overlaps the next
     layer's compute; the caching allocators order the reuse of both buffers on the stream)."""
+    if tensor.is_meta:  # the memory rehearsal: booked as host memory, invisible to the GPU tracker
+        return meta_host_copy(tensor)
     pinned = tensor.is_cuda
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
     host.copy_(tensor.detach(), non_blocking=pinned)
     return host
+
+
+def from_host(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The device copy of a host copy made by `to_host` (asynchronous from pinned memory)."""
+    if device.type == "meta":
+        return meta_from_host(host)
+    return host.to(device, non_blocking=True)
 
 
 def offloaded_checkpoint(run: Callable[..., Any], hidden: torch.Tensor, *rest: Any, **_ignored: Any) -> Any:

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dft_peft.errors import UserError
+from dft_peft.memory.tiling_plan import mlp_shard_tokens
 from dft_peft.model.shape import LLAMA_LINEARS, ModelShape, config_from_gguf, model_config, shape_from_config
 
-__all__ = [
-    "LLAMA_LINEARS", "ModelShape", "Setup", "Estimate", "config_from_gguf", "model_config", "shape_from_config",
-    "estimate", "longest_sequence_len", "memory_report", "check_fits", "parse_memory",
-]
+__all__ = ["LLAMA_LINEARS", "ModelShape", "Setup", "Estimate", "config_from_gguf", "model_config", "shape_from_config",
+           "estimate", "longest_sequence_len", "memory_report", "check_fits", "parse_memory"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -43,11 +42,7 @@ NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 first-level absmax b
 QUANT_TENSOR_OVERHEAD = 1100  # per 4-bit tensor: code books and offset of its quant state
 
 OPTIMIZER_STATE_BYTES = {  # bytes per trainable parameter
-    "adamw_torch": 8,
-    "adamw_torch_fused": 8,
-    "paged_adamw_32bit": 8,
-    "adamw_bnb_8bit": 2,
-    "paged_adamw_8bit": 2,
+    "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2,
 }
 
 
@@ -78,6 +73,8 @@ class Setup:
     attention: str = "sdpa"  # "sdpa", "flash_attention_2" or "eager"
     packing: bool = False
     upcast_frozen: bool | None = None  # None: false (dft-peft restores bf16/fp16 after peft's cast)
+    tiled_mlp: bool = False  # MLP intermediates exist for one sequence shard at a time (tiled_mlp.py)
+    tiled_mlp_num_shards: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -115,6 +112,8 @@ def setup_from_config(cfg: Any, *, act_bytes: int | None = None) -> Setup:
         micro_batch_size=cfg.micro_batch_size,
         attention=attention,
         packing=cfg.sample_packing,
+        tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)),
+        tiled_mlp_num_shards=getattr(cfg, "tiled_mlp_num_shards", None),
     )
 
 
@@ -219,7 +218,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup) -> int:
     total = 8 * h
     total += a * (h + q)
     total += a * (2 * q + 2 * kv_kept) + 4 * shape.heads
-    total += a * (h + 4 * i)
+    total += a * (h + (0 if setup.tiled_mlp else 4 * i))  # tiled: see mlp_shard_tokens
     total += sum(4 * setup.lora_r for _ in setup.targets)
     if setup.lora_dropout > 0:
         linears = shape.linears()
@@ -234,10 +233,9 @@ def layer_backward_transient(shape: ModelShape, setup: Setup) -> int:
     tensors (2 a*I per token) and of the residual stream (2 x 4H per token), plus the two
     largest weights dequantized to the compute dtype (bitsandbytes rebuilds them each call)."""
     a = setup.act_bytes
-    per_token = 2 * a * shape.intermediate + 8 * shape.hidden
     largest = max(fi * fo for fi, fo in shape.linears().values())
     dequant = 2 * largest * a if setup.quant else 0
-    return setup.tokens * per_token + dequant
+    return setup.tokens * 8 * shape.hidden + mlp_shard_tokens(shape, setup) * 2 * a * shape.intermediate + dequant
 
 
 def loss_working_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -270,6 +268,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     parts: dict[str, int] = {"weights": weight_bytes(shape, setup)}
     parts.update(trainable_bytes(shape, setup))
     layer = layer_activation_bytes_per_token(shape, setup) * t
+    if setup.tiled_mlp:  # gate, up, act and product of one shard, held while it is back-propagated
+        layer += 4 * setup.act_bytes * shape.intermediate * mlp_shard_tokens(shape, setup)
     checkpoint_in = shape.hidden * setup.residual_bytes * t
     if setup.checkpointing == "offload":
         kept = 2 * checkpoint_in  # the layer being recomputed and the next one's input coming back

@@ -60,6 +60,39 @@ def restore_half_precision_embeddings(model: Any, cfg: Any) -> list[str]:
     return cast
 
 
+def restore_half_precision_norms(model: Any) -> int:
+    """Put the frozen RMSNorm/LayerNorm weights back in the 4-bit compute dtype (bf16/fp16).
+
+    peft's k-bit preparation leaves them fp32, and a Llama-family RMSNorm returns
+    `weight * x.to(input_dtype)`: an fp32 weight makes every norm output fp32, bitsandbytes'
+    Linear4bit returns its input's dtype, and the whole residual stream turns fp32. The meta
+    rehearsal (dft_peft/memory/rehearsal.py) showed what that costs: twice the checkpointed layer
+    inputs (Llama-3.1-8B at 32k tokens: 16 GiB instead of 8, and as much pinned RAM under offload)
+    and fp32 q/k/v. The norm still normalises in fp32 inside; only its weight and output are
+    half precision, as in any bf16 model (Axolotl casts norms to the compute dtype as well when
+    flash attention is on). Returns how many norm modules were cast.
+    """
+    import torch
+
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    dtype = getattr(quant, "bnb_4bit_compute_dtype", None) if getattr(quant, "load_in_4bit", False) else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    cast = 0
+    for module in model.modules():
+        name = type(module).__name__
+        weight = getattr(module, "weight", None)
+        if not name.endswith(("RMSNorm", "LayerNorm")) or not isinstance(weight, torch.nn.Parameter):
+            continue
+        if weight.requires_grad or weight.dtype == dtype:
+            continue
+        module.to(dtype)
+        cast += 1
+    return cast
+
+
 def attach_adapter(model: Any, cfg: Any):
     """LoRA (or QLoRA on a 4-bit model) through peft, or a saved adapter from `lora_model_dir`."""
     import peft
@@ -73,6 +106,7 @@ def attach_adapter(model: Any, cfg: Any):
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
         restore_half_precision_embeddings(model, cfg)
+        restore_half_precision_norms(model)  # else norm outputs, and the residual stream, are fp32
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
