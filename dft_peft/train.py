@@ -124,6 +124,7 @@ def prepare_data(cfg: Config, tokenizer: Any):
         seed=cfg.seed,
         chat_template=cfg.chat_template_jinja or cfg.chat_template,
         excess_length_strategy=cfg.excess_length_strategy,
+        deduplicate=bool(cfg.dataset_exact_deduplication),
     )
 
 

@@ -443,20 +443,24 @@ def test_print_tally(model_dir, tmp_path, capsys):
     "changes, needles",
     [
         (dict(load_in_4bit=True), ("load_in_4bit", "adapter: lora", "QLoRA")),
-        (dict(learning_rate=2.0), ("learning_rate 2", "exponent")),
+        (dict(learning_rate=2.0), ("learning_rate 2", "adapter is noise", "exponent")),
         (dict(learning_rate=2e-9), ("learning_rate 2e-09",)),
     ],
     ids=["4bit_lora_is_qlora", "learning_rate_huge", "learning_rate_tiny"],
 )
 def test_values_axolotl_accepts_get_one_warning_line(changes, needles, model_dir, tmp_path, caplog):
-    """Axolotl runs these, so they are not errors; each is one warning naming the key."""
+    """Axolotl runs these, so they are not errors; each is one warning naming the key (a log line,
+    or a Python warning where it must reach API and notebook users too: the destructive rate)."""
     import logging
+    import warnings
 
     from dft_peft.config import load_config
 
-    with caplog.at_level(logging.WARNING, logger="dft_peft.config"):
+    with caplog.at_level(logging.WARNING, logger="dft_peft.config"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         load_config(Ctx(tmp_path, model_dir).cfg(**changes))
     lines = [r.getMessage() for r in caplog.records if r.name == "dft_peft.config"]
+    lines += [str(w.message) for w in caught if w.category is UserWarning]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     assert all(n in lines[0] for n in needles), lines[0]
 

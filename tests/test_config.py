@@ -438,7 +438,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     "line",
     [
-        "fsdp: [full_shard]",
+        "fsdp_final_state_dict_type: FULL_STATE_DICT",
         "rl: dpo",
         "dpo_beta: 0.1",
         "relora: true",
@@ -447,7 +447,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "relora_steps: 100",
         "lisa_n_layers: 4",
         "neftune_noise_alpha: 5",
-        "xformers_attention: true",
+        "context_parallel_size: 2",
         "s2_attention: true",
         "peft_use_dora: true",
         "reward_model: true",
@@ -458,7 +458,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "hub_model_id: me/model",
         "push_dataset_to_hub: me/data",
         "group_by_length: true",
-        "lora_mlp_kernel: true",
+        "layer_offloading: true",
         "save_safetensors: false",
     ],
 )

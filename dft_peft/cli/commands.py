@@ -337,6 +337,8 @@ def _one_line(exc: BaseException) -> str | None:
         )
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"file not found: {exc.filename}"
+    if isinstance(exc, PermissionError) and exc.filename:
+        return f"permission denied: {exc.filename}; choose a folder you can write to"
     return None
 
 

@@ -140,6 +140,25 @@ HARMLESS_KEYS = _groups(
             "shuffle_merged_datasets", "shuffle_before_merging_datasets",
         ),
         "used by `axolotl merge-lora` after training, not by training": ("merge_method",),
+        "a tracker dft-peft does not log to (it logs to tensorboard and wandb via `report_to`): logging only, the run is the same": (
+            "use_mlflow", "hf_mlflow_log_artifacts", "mlflow_experiment_name", "mlflow_run_name",
+            "mlflow_tracking_uri", "use_comet", "comet_api_key", "comet_experiment_config",
+            "comet_experiment_key", "comet_mode", "comet_online", "comet_project_name",
+            "comet_workspace", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port",
+            "use_trackio", "trackio_project_name", "trackio_run_name", "trackio_space_id",
+            "use_swanlab", "swanlab_api_host", "swanlab_api_key", "swanlab_completion_log_interval",
+            "swanlab_completion_max_buffer", "swanlab_description", "swanlab_experiment_name",
+            "swanlab_lark_secret", "swanlab_lark_webhook_url", "swanlab_log_completions",
+            "swanlab_log_model", "swanlab_mode", "swanlab_project", "swanlab_web_host",
+            "swanlab_workspace",
+        ),
+        "kernels that compute the same layers faster (Axolotl's Triton LoRA kernels, the hub's, "
+        "flash-attn's RMSNorm, flex attention's compile settings); dft-peft runs peft's LoRA "
+        "layers and the model's own code": (
+            "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel", "use_kernels",
+            "flash_attn_rms_norm", "flex_attn_compile_kwargs",
+        ),
+        "dft-peft loads no GPTQ model (older Axolotl key)": ("gptq_disable_exllama",),
         "only read together with `loraplus_lr_ratio`": ("loraplus_lr_embedding",),
         "new token embeddings are initialised by transformers' resize either way": (
             "mean_resizing_embeddings",
@@ -206,9 +225,9 @@ REFUSED_KEYS = _groups(
             "scaling_softmax_factor", "scaling_softmax_bias",
         ),
         "a model-loading variant dft-peft does not implement (it would load another model)": (
-            "overrides_of_model_config", "overrides_of_model_kwargs", "cls_model_config",
+            "overrides_of_model_kwargs", "cls_model_config",
             "tokenizer_legacy", "tokenizer_use_mistral_common", "model_quantization_config",
-            "model_quantization_config_kwargs", "gptq", "use_kernels", "use_onebitllms",
+            "model_quantization_config_kwargs", "gptq", "use_onebitllms",
             "reinit_weights", "rope_scaling", "qat", "quantization", "fp8", "fp8_config",
             "bfloat16", "float16", "float32", "fp32_norms", "fp32_norm_classes",
             "llmcompressor", "quantize_moe_experts", "llama4_linearized_experts",
@@ -234,9 +253,8 @@ REFUSED_KEYS = _groups(
         "`lora_modules_to_save` to train whole modules)": ("unfrozen_parameters",),
         "a fused or custom kernel dft-peft does not apply; its numerics differ from the "
         "model's own code": (
-            "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
-            "xformers_attention", "s2_attention", "flex_attn_compile_kwargs", "sage_attention",
-            "flash_optimum", "flash_attn_rms_norm", "flash_attn_fuse_mlp", "flash_attn_d512",
+            "xformers_attention", "s2_attention", "sage_attention",
+            "flash_optimum", "flash_attn_fuse_mlp", "flash_attn_d512",
             "fused_attn_kernel", "large_head_attention", "sdpa_varlen",
             "tiled_mlp_use_original_mlp", "torch_compile",
             "torch_compile_backend", "torch_compile_mode", "torch_compile_options",
@@ -252,11 +270,11 @@ REFUSED_KEYS = _groups(
         "changes which rows or tokens are trained on": (
             "pretraining_dataset", "pretraining_sample_concatenation", "streaming",
             "dataset_shard_num", "dataset_shard_idx", "num_dataset_shards_to_save",
-            "dataset_exact_deduplication", "sample_packing_sequentially", "curriculum_sampling",
+            "sample_packing_sequentially", "curriculum_sampling",
             "multipack_real_batches", "pad_to_multiple_of", "eval_sequence_len", "min_sample_len",
             "max_packed_sequence_len", "group_by_length", "remove_unused_columns",
             "dataloader_drop_last", "chat_template_kwargs", "default_system_message",
-            "added_tokens_overrides", "fix_untrained_tokens", "resize_token_embeddings_to_32x",
+            "added_tokens_overrides", "fix_untrained_tokens",
             "shrink_embeddings", "embeddings_skip_upcast", "use_pose", "pose_split_on_token_ids",
             "pose_max_context_len", "pose_num_chunks", "push_dataset_to_hub",
         ),
@@ -282,18 +300,6 @@ REFUSED_KEYS = _groups(
             "generation_top_k", "generation_prompt_ratio", "generation_do_sample",
             "hub_model_id", "hub_strategy", "hub_revision", "lm_eval_batch_size",
             "lm_eval_model", "lm_eval_post_train", "lm_eval_tasks",
-        ),
-        "dft-peft logs to tensorboard and wandb (`report_to`); this tracker is not wired up": (
-            "use_mlflow", "hf_mlflow_log_artifacts", "mlflow_experiment_name", "mlflow_run_name",
-            "mlflow_tracking_uri", "use_comet", "comet_api_key", "comet_experiment_config",
-            "comet_experiment_key", "comet_mode", "comet_online", "comet_project_name",
-            "comet_workspace", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port",
-            "use_trackio", "trackio_project_name", "trackio_run_name", "trackio_space_id",
-            "use_swanlab", "swanlab_api_host", "swanlab_api_key", "swanlab_completion_log_interval",
-            "swanlab_completion_max_buffer", "swanlab_description", "swanlab_experiment_name",
-            "swanlab_lark_secret", "swanlab_lark_webhook_url", "swanlab_log_completions",
-            "swanlab_log_model", "swanlab_mode", "swanlab_project", "swanlab_web_host",
-            "swanlab_workspace",
         ),
     }
 )

@@ -19,6 +19,11 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise ValueError("`load_in_4bit` and `load_in_8bit` are both true; keep one.")
+    if (cfg.overrides_of_model_config or {}).get("output_router_logits"):
+        raise ValueError(
+            "model_config: `output_router_logits: true` adds a mixture-of-experts router's auxiliary loss to "
+            "the objective, which dft-peft's fused objective does not compute; remove it."
+        )
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
         raise ValueError(
             "`adapter: qlora` needs `load_in_4bit: true` (Axolotl requires it too); add it, "
@@ -56,6 +61,8 @@ def check_consistency(cfg: Config) -> None:
 
 # Learning rates outside this range are almost always a typo (a missing minus in the exponent).
 SANE_LEARNING_RATES = (1e-7, 0.05)
+# At or above this, an Adam step changes each LoRA weight by ~lr: the adapter cannot survive it.
+DESTRUCTIVE_LEARNING_RATE = 1.0
 
 
 def warn_questionable(cfg: Config) -> None:
@@ -69,7 +76,17 @@ def warn_questionable(cfg: Config) -> None:
             "write `adapter: qlora` to say so (the run is the same)."
         )
     low, high = SANE_LEARNING_RATES
-    if not low <= cfg.learning_rate <= high:
+    if cfg.learning_rate >= DESTRUCTIVE_LEARNING_RATE and "adam" in cfg.optimizer.lower():
+        import warnings
+
+        warnings.warn(  # a warning, not a log line: it reaches Python API and notebook users too
+            f"learning_rate {cfg.learning_rate:g} with {cfg.optimizer}: Adam moves every LoRA weight by about "
+            "the learning rate at each step, so from the first steps the adapter is noise (LoRA uses 1e-4 to "
+            "5e-4); check the exponent.",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif not low <= cfg.learning_rate <= high:
         log.warning(
             "learning_rate %g is outside the usual %g-%g for LoRA (typically 1e-4 to 5e-4); check the exponent.",
             cfg.learning_rate, low, high,
@@ -143,6 +160,23 @@ def _output_folder(key: str, value: str | None, *, optional: bool) -> None:
         raise UserError(f"{key} `{value}` lies under `{parent}`, which is a file; choose another {key}.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{key} `{value}`: cannot write in `{parent}` (permission denied); choose another {key}.")
+    why = _cannot_create_in(parent)
+    if why:
+        raise UserError(f"{key} `{value}`: cannot create a folder in `{parent}` ({why}); choose another {key}.")
+
+
+def _cannot_create_in(parent) -> str | None:
+    """Why no folder can be made in `parent`, or None. `os.access` says yes to root on a read-only
+    file system (/sys, a read-only mount), so a folder is made and removed again to be sure."""
+    import os
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=".dft-peft-write-check-", dir=parent)
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
+    os.rmdir(probe)
+    return None
 
 
 def check_paths(cfg: Config) -> None:

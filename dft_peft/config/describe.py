@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from dft_peft.config.axolotl_translate import MAPPED
+
 if TYPE_CHECKING:
     from dft_peft.config.schema import ConfigSchema as Config
 
@@ -49,8 +51,11 @@ def describe(cfg: Config) -> str:
         f"{cfg.gradient_checkpointing}; attention {cfg.attn_implementation or 'default'}",
         f"output_dir:  {cfg.output_dir}",
     ]
-    noted = {k: why for k, why in cfg._ignored.items() if why != "unset"}
+    mapped = {k: why.removeprefix(MAPPED) for k, why in cfg._ignored.items() if why.startswith(MAPPED)}
+    noted = {k: why for k, why in cfg._ignored.items() if why != "unset" and k not in mapped}
     unset = [k for k, why in cfg._ignored.items() if why == "unset"]
+    if mapped:
+        lines.append("mapped:      " + "; ".join(f"{k}: {why}" for k, why in mapped.items()))
     if noted:
         lines.append("ignored:     " + ", ".join(f"{k} ({why})" for k, why in noted.items()))
     if unset:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from dft_peft.config.axolotl_translate import translate_axolotl
 from dft_peft.config.keys import check_override_key, drop_axolotl_plugins, sort_keys
 from dft_peft.config.checks import check_raw_values, warn_questionable
 from dft_peft.config.messages import describe_validation_error, primary_error, yaml_error_location, yaml_problem
@@ -148,7 +149,12 @@ def build_config(
     if not isinstance(strict, bool):
         raise UserError(f"{label}: `strict` must be true or false (got {strict!r}).")
 
+    try:
+        mapped = translate_axolotl(raw)  # FSDP1 -> FSDP2, xformers -> sdpa: the same computation
+    except UserError as exc:
+        raise UserError(f"{label}: {exc}") from None
     fields, loss_params, ignored = sort_keys(raw, label, strict)
+    ignored.update(mapped)
     fields = drop_axolotl_plugins(fields, label, strict, ignored)
     resolve_paths(fields, Path(base_dir) if base_dir is not None else None)
 

@@ -19,7 +19,11 @@ LEGACY_ATTENTION_FLAGS = {
 }
 
 # Axolotl's internal field names, which it also accepts as keys (populate_by_name).
-KEY_ALIASES = {"type_of_model": "model_type", "revision_of_model": "model_revision"}
+KEY_ALIASES = {
+    "type_of_model": "model_type", "revision_of_model": "model_revision",
+    "model_config": "overrides_of_model_config",  # Axolotl's alias of its own field
+    "adam_eps": "adam_epsilon",  # older Axolotl spelling
+}
 
 # Axolotl's `bnb_config_kwargs` entries that have a dft-peft key.
 BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")

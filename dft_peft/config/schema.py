@@ -81,6 +81,8 @@ class ConfigSchema(BaseModel):
         default=None, description="A .gguf file in base_model (hub repo or folder), converted to safetensors once."
     )
     trust_remote_code: bool = False
+    overrides_of_model_config: dict[str, Any] | None = Field(default=None, description="model config values to override (Axolotl's `model_config`).")
+    resize_token_embeddings_to_32x: bool | None = Field(default=None, description="grow the embeddings to a multiple of 32 rows.")
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -127,6 +129,7 @@ class ConfigSchema(BaseModel):
         default=None, description="None: follow sample_packing (Axolotl's default)."
     )
     train_on_inputs: bool = False
+    dataset_exact_deduplication: bool | None = Field(default=None, description="drop rows that repeat another row exactly.")
     excess_length_strategy: Literal["drop", "truncate"] = "drop"
     special_tokens: SpecialTokens | None = None
     tokens: list[str] | None = None
@@ -317,8 +320,6 @@ class ConfigSchema(BaseModel):
     @model_validator(mode="after")
     def _check_consistency(self) -> ConfigSchema:
         check_consistency(self)
-        if self.tiled_mlp_num_shards is not None and not self.tiled_mlp:
-            raise ValueError("tiled_mlp_num_shards is set but tiled_mlp is not; add `tiled_mlp: true` or drop the shard count.")
         if self.pad_to_sequence_len is None:
             self.pad_to_sequence_len = self.sample_packing
         return self

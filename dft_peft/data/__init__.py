@@ -68,6 +68,7 @@ def prepare_datasets(
     seed: int = 42,
     chat_template: str | None = None,
     excess_length_strategy: str = "drop",
+    deduplicate: bool = False,
 ) -> PreparedData:
     """Load, format, tokenize, split and (optionally) pack the configured datasets.
 
@@ -93,6 +94,7 @@ def prepare_datasets(
         "seed": seed,
         "chat_template": chat_template,
         "excess_length_strategy": excess_length_strategy,
+        **({"deduplicate": True} if deduplicate else {}),  # absent when off: earlier caches stay valid
     }
     key = cache.cache_key(datasets, test_datasets, tokenizer, settings)
     if prepared_path:
@@ -116,6 +118,8 @@ def prepare_datasets(
         chat_template=chat_template,
     )
     train, report = _tokenize_all(datasets, tokenizer, opts, f"{key}-train")
+    if deduplicate:  # Axolotl's dataset_exact_deduplication: identical token rows, before the eval split
+        train = drop_duplicate_rows(train, "train")
     log.info("Train data: %s", report.summary())
     if len(train) == 0:
         raise UserError(f"no training rows left after tokenization ({report.summary()}); {_empty_hint(report)}")
@@ -123,6 +127,8 @@ def prepare_datasets(
     eval_report = None
     if test_datasets:
         eval_ds, eval_report = _tokenize_all(test_datasets, tokenizer, opts, f"{key}-test")
+        if deduplicate:
+            eval_ds = drop_duplicate_rows(eval_ds, "test")
         log.info("Test data: %s", eval_report.summary())
         if len(eval_ds) == 0:
             raise UserError(
@@ -172,6 +178,26 @@ def _tokenize_all(configs: Sequence[DatasetConfig], tokenizer, opts, fingerprint
         parts = [p if "weights" in p.column_names else _with_unit_weights(p) for p in parts]
     merged = parts[0] if len(parts) == 1 else hf_datasets.concatenate_datasets(parts)
     return merged, total
+
+
+def drop_duplicate_rows(ds, name: str):
+    """The rows of `ds` whose tokens (ids, labels, weights) no earlier row has, first copy kept.
+
+    As Axolotl's `dataset_exact_deduplication`: a row repeated in the data counts once."""
+    import hashlib
+
+    columns = [c for c in ("input_ids", "labels", "weights") if c in ds.column_names]
+    seen: set[str] = set()
+    keep = []
+    for index, row in enumerate(ds.select_columns(columns)):
+        digest = hashlib.sha256(repr([row[c] for c in columns]).encode()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(index)
+    if len(keep) < len(ds):
+        log.info("dataset_exact_deduplication: %d of %d %s rows were exact duplicates, dropped", len(ds) - len(keep), len(ds), name)
+        ds = ds.select(keep)
+    return ds
 
 
 def _with_unit_weights(ds):

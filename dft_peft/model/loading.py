@@ -127,23 +127,32 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
         "trust_remote_code": cfg.trust_remote_code,
         "quantization_config": quantization_config(cfg, precision),
     }
-    if cfg.base_model_config:
+    if cfg.base_model_config or cfg.overrides_of_model_config:
         kwargs["config"] = transformers.AutoConfig.from_pretrained(
-            hub.local_source(cfg, "base_model_config"), trust_remote_code=cfg.trust_remote_code
+            hub.local_source(cfg, "base_model_config") or model_path, trust_remote_code=cfg.trust_remote_code
         )
+        for key, value in (cfg.overrides_of_model_config or {}).items():  # Axolotl's `model_config:`
+            setattr(kwargs["config"], key, value)
     attention = resolve_attention(cfg.attn_implementation)
     if attention:
         kwargs["attn_implementation"] = attention
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = auto_cls.from_pretrained(model_path, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    rows = embedding_rows(len(tokenizer), cfg.resize_token_embeddings_to_32x)
+    if rows > model.get_input_embeddings().weight.shape[0]:  # grown, never shrunk (as Axolotl)
+        model.resize_token_embeddings(rows)
     model.config.use_cache = False  # training; generation turns it back on per call
     from dft_peft.model.liger import apply_liger_kernels
 
     apply_liger_kernels(model, cfg)  # liger_rms_norm, ...: same functions, fused kernels
     return model
+
+
+def embedding_rows(tokens: int, to_32x: bool | None) -> int:
+    """Rows the embeddings need for `tokens`: Axolotl's `resize_token_embeddings_to_32x` rounds up to
+    a multiple of 32 (tensor-core friendly; the extra rows are never targets)."""
+    return -(-tokens // 32) * 32 if to_32x else tokens
 
 
 def load_model_config(cfg: Any, source: Any):

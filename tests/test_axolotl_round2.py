@@ -1,0 +1,191 @@
+"""Axolotl configs as written, round 2 (issue 21): FSDP1 settings as FSDP2, xformers as sdpa,
+speed-only kernel keys accepted, `model_config` overrides, `resize_token_embeddings_to_32x`,
+`dataset_exact_deduplication`, `adam_eps`, an output_dir that cannot be created, a learning rate
+that destroys the adapter.
+
+References are Axolotl's own rules, restated here from its code (0.19 / main: schemas/fsdp.py,
+loaders/model.py, utils/data/utils.py) or computed independently (a set of rows, a ceiling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import tiny_run
+
+from dft_peft.config import Config
+from dft_peft.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model_dir = tiny_run.tiny_model_dir(tmp_path_factory)
+    data = tiny_run.write_jsonl(tmp_path_factory.mktemp("d") / "train.jsonl", tiny_run.alpaca_rows(6))
+    return model_dir, data, tmp_path_factory.mktemp("out")
+
+
+def cfg_of(tiny, **overrides) -> Config:
+    model_dir, data, out = tiny
+    return Config.from_dict(tiny_run.config_dict(model_dir, data, out / "run", **overrides))
+
+
+# ----------------------------------------------------------------------------- FSDP1 -> FSDP2
+
+FSDP1_BLOCK = {  # Axolotl's llama-2/qlora-fsdp.yml, as written
+    "fsdp_limit_all_gathers": True,
+    "fsdp_sync_module_states": True,
+    "fsdp_offload_params": True,
+    "fsdp_use_orig_params": False,
+    "fsdp_cpu_ram_efficient_loading": True,
+    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+    "fsdp_state_dict_type": "FULL_STATE_DICT",
+    "fsdp_sharding_strategy": "FULL_SHARD",
+}
+
+
+def test_fsdp1_list_and_block_run_as_fsdp2_with_a_note(tiny):
+    cfg = cfg_of(tiny, fsdp=["full_shard", "auto_wrap"], fsdp_config=dict(FSDP1_BLOCK))
+    assert cfg.fsdp_version == 2
+    assert cfg.fsdp_config == {  # FULL_SHARD = reshard after forward; FSDP1-only knobs dropped
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "sync_module_states": True,
+        "offload_params": True,
+        "cpu_ram_efficient_loading": True,
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+    note = cfg.ignored_keys["fsdp"]
+    assert "FSDP2" in note and "limit_all_gathers" in note and "use_orig_params" in note
+    assert "mapped:      fsdp: FSDP1 settings run as FSDP2" in cfg.describe()
+
+
+@pytest.mark.parametrize("items, reshard", [(["shard_grad_op"], False), ("full_shard auto_wrap", True)])
+def test_fsdp1_strategies_map_onto_reshard_after_forward(tiny, items, reshard):
+    cfg = cfg_of(tiny, fsdp=items, fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+    assert cfg.fsdp_config["reshard_after_forward"] is reshard
+
+
+def test_sharding_strategy_inside_an_fsdp2_block_is_understood(tiny):
+    cfg = cfg_of(tiny, fsdp_config={"fsdp_version": 2, "sharding_strategy": "SHARD_GRAD_OP", "reshard_after_forward": False})
+    assert cfg.fsdp_config == {"reshard_after_forward": False} and cfg.fsdp_version == 2
+
+
+@pytest.mark.parametrize("items, block", [(["hybrid_shard", "auto_wrap"], {}), (None, {"fsdp_sharding_strategy": "NO_SHARD"})])
+def test_fsdp1_strategies_that_shard_differently_are_refused_in_one_line(tiny, items, block):
+    with pytest.raises(UserError) as err:
+        cfg_of(tiny, **({"fsdp": items} if items else {}), fsdp_config=block)
+    assert "\n" not in str(err.value) and ("hybrid" in str(err.value) or "NO_SHARD" in str(err.value))
+
+
+def test_plain_fsdp2_configs_are_left_as_they_were(tiny):
+    cfg = cfg_of(tiny, fsdp_version=2, fsdp_config={"offload_params": False, "reshard_after_forward": True})
+    assert cfg.fsdp_config == {"offload_params": False, "reshard_after_forward": True}
+    assert "fsdp" not in cfg.ignored_keys
+
+
+# ----------------------------------------------------------------------------- attention, kernels
+
+
+@pytest.mark.parametrize("written", [{"xformers_attention": True}, {"attn_implementation": "xformers"}])
+def test_xformers_runs_as_sdpa_with_a_note(tiny, written):
+    cfg = cfg_of(tiny, **{"attn_implementation": None, **written})
+    assert cfg.attn_implementation == "sdpa"
+    assert "sdpa" in cfg.ignored_keys["xformers_attention"]
+
+
+@pytest.mark.parametrize("key", ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels", "flash_attn_rms_norm"])
+def test_speed_only_kernel_keys_are_accepted_with_their_reason(tiny, key):
+    cfg = cfg_of(tiny, **{key: True})
+    assert "faster" in cfg.ignored_keys[key]
+
+
+def test_trackers_are_accepted_as_logging_only(tiny):
+    cfg = cfg_of(tiny, swanlab_project="p", swanlab_mode="offline")
+    assert "logging only" in cfg.ignored_keys["swanlab_project"]
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def test_model_config_overrides_reach_the_loaded_model(tiny):
+    import torch
+
+    from dft_peft.model import loading
+
+    cfg = cfg_of(tiny, model_config={"rms_norm_eps": 1e-3, "rope_theta": 1234.0})
+    assert cfg.overrides_of_model_config == {"rms_norm_eps": 1e-3, "rope_theta": 1234.0}
+    tokenizer = loading.load_tokenizer(cfg, Path(cfg.base_model))
+    model = loading.load_model(cfg, Path(cfg.base_model), tokenizer, loading.Precision(bf16=False, fp16=False))
+    assert model.config.rms_norm_eps == 1e-3 and model.model.layers[0].input_layernorm.variance_epsilon == 1e-3
+    assert model.dtype == torch.float32
+
+
+def test_router_aux_loss_is_refused_since_the_fused_objective_omits_it(tiny):
+    with pytest.raises(UserError, match="output_router_logits"):
+        cfg_of(tiny, model_config={"output_router_logits": True})
+
+
+@pytest.mark.parametrize("tokens", [1, 31, 32, 33, 1000, 128_257])
+def test_embedding_rows_round_up_to_32_as_axolotl(tokens):
+    from dft_peft.model.loading import embedding_rows
+
+    assert embedding_rows(tokens, True) == math.ceil(tokens / 32) * 32
+    assert embedding_rows(tokens, None) == tokens
+
+
+def test_resize_token_embeddings_to_32x_grows_the_loaded_embeddings(tiny):
+    from dft_peft.model import loading
+
+    cfg = cfg_of(tiny, resize_token_embeddings_to_32x=True, tokens=["<extra_a>", "<extra_b>"])
+    tokenizer = loading.load_tokenizer(cfg, Path(cfg.base_model))
+    model = loading.load_model(cfg, Path(cfg.base_model), tokenizer, loading.Precision(bf16=False, fp16=False))
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows % 32 == 0 and rows >= len(tokenizer) and rows - len(tokenizer) < 32
+
+
+# ----------------------------------------------------------------------------- data, optimizer
+
+
+def test_dataset_exact_deduplication_drops_repeated_rows(tmp_path, tiny):
+    from transformers import AutoTokenizer
+
+    from dft_peft.data import prepare_datasets
+
+    rows = tiny_run.alpaca_rows(5)
+    data = tiny_run.write_jsonl(tmp_path / "dup.jsonl", rows + rows[:3] + rows[1:2])
+    distinct = len({hashlib.sha256(repr(sorted(r.items())).encode()).hexdigest() for r in rows})
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0])
+    cfg = cfg_of(tiny, datasets=[{"path": str(data), "type": "alpaca"}], dataset_exact_deduplication=True)
+    deduped = prepare_datasets(cfg.datasets, tokenizer, sequence_len=128, deduplicate=True)
+    kept_all = prepare_datasets(cfg.datasets, tokenizer, sequence_len=128)
+    assert len(kept_all.train) == len(rows) + 4 and len(deduped.train) == distinct
+
+
+def test_adam_eps_is_the_older_spelling_of_adam_epsilon(tiny):
+    assert cfg_of(tiny, adam_eps=1e-6).adam_epsilon == 1e-6
+
+
+def test_a_learning_rate_that_destroys_the_adapter_warns_before_training(tiny):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg_of(tiny, learning_rate=1.0)
+    assert any("learning_rate 1" in str(w.message) and w.category is UserWarning for w in caught)
+
+
+def test_an_output_dir_on_a_read_only_file_system_is_one_line(tiny, capsys):
+    from dft_peft.cli import main
+
+    target = Path("/sys/kernel/dft-peft-out")
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no /sys/kernel here (not Linux)")
+    model_dir, data, out = tiny
+    config = tiny_run.write_yaml(out / "ro.yml", tiny_run.config_dict(model_dir, data, target))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output_dir" in err[0] and "/sys/kernel" in err[0]
