@@ -383,7 +383,10 @@ def test_fsdp_config_is_checked_and_refused_on_cpu(setup):
     with pytest.raises(Exception, match="fsdp_config: unknown key `fsdp_reshard_after_forwrd`"):
         Config.from_dict({**base, "fsdp_version": 2, "fsdp_config": {"fsdp_reshard_after_forwrd": True}})
     with pytest.raises(Exception, match="only FSDP2"):
-        Config.from_dict({**base, "fsdp_config": {"fsdp_version": 1}})
+        Config.from_dict({**base, "fsdp_config": {"fsdp_version": 3}})
+    # FSDP1 (as older Axolotl configs write it) runs as FSDP2, with a note (tests/test_axolotl_round2.py).
+    legacy = Config.from_dict({**base, "fsdp_config": {"fsdp_version": 1}})
+    assert legacy.fsdp_version == 2 and "FSDP1 settings run as FSDP2" in legacy.ignored_keys["fsdp"]
     # Axolotl's spelling (prefixed or not) loads; on a CPU it is refused before anything loads.
     cfg = Config.from_dict(
         {**base, "fsdp_version": 2, "fsdp_config": {"fsdp_offload_params": False, "reshard_after_forward": True,

@@ -79,7 +79,7 @@ def test_apply_activation_memory_tiles_every_mlp():
     model = tiny_causal_lm("llama", seed=0, num_hidden_layers=3)
     cfg = config(load_in_4bit=False, adapter="lora", tiled_mlp=True, tiled_mlp_num_shards=2)
     applied = apply_activation_memory(model, cfg)
-    assert applied == ["tiled MLP (3 layers, 2 shards)"]
+    assert applied == ["memory-lean RMSNorm (7 norms)", "tiled MLP (3 layers, 2 shards)"]  # 3 x 2 + final
     assert all("_dft_untiled_forward" in vars(layer.mlp) for layer in model.model.layers)
 
 

@@ -2,8 +2,10 @@
 
 Gradient checkpointing itself is switched on by `dft_peft.model.adapter` (peft's k-bit preparation
 needs to know); what it keeps between the passes is decided here: each checkpointed layer input
-offloaded to host memory (`gradient_checkpointing: offload`, Axolotl's `activation_offloading`), and
-each decoder layer's MLP run over sequence shards (`tiled_mlp`). `train`, the meta-device rehearsal
+offloaded to host memory (`gradient_checkpointing: offload`, Axolotl's `activation_offloading`),
+each decoder layer's MLP run over sequence shards (`tiled_mlp`), and, whenever checkpointing is on,
+every RMSNorm made memory-lean (lean_norm.py: the same forward, no fp32 copy kept for backward;
+its gradients differ from autograd's by rounding only). `train`, the meta-device rehearsal
 and the benchmarks call this one function, so all three run the same model.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dft_peft.memory.lean_norm import apply_lean_norm
 from dft_peft.memory.offload import offload_checkpointed_inputs
 from dft_peft.memory.tiled_mlp import apply_tiled_mlp
 
@@ -18,6 +21,10 @@ from dft_peft.memory.tiled_mlp import apply_tiled_mlp
 def apply_activation_memory(model: Any, cfg: Any) -> list[str]:
     """Apply the config's activation-memory options to `model`; returns what was applied, for the log."""
     applied: list[str] = []
+    if cfg.gradient_checkpointing:
+        norms = apply_lean_norm(model)
+        if norms:
+            applied.append(f"memory-lean RMSNorm ({norms} norms)")
     if cfg.gradient_checkpointing == "offload":
         layers = offload_checkpointed_inputs(model)
         applied.append(f"offloaded checkpointing ({layers} layers)")

@@ -201,7 +201,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup) -> int:
     """Tensors one decoder layer keeps for its backward pass, per token (Hugging Face Llama
     layer, LoRA on `targets`, frozen base):
 
-    * each RMSNorm upcasts its input to fp32 and keeps it: 2 x 4H (8H);
+    * each RMSNorm keeps its input upcast to fp32: 2 x 4H; with checkpointing, lean_norm.py's: a*H;
     * attention block input to q/k/v (a*H) and, for o_proj, the reshaped attention output (a*q);
     * q, k, v after RoPE and the attention output, kept by the attention kernel (a*(2q + 2kv));
       sdpa with a mask (eager, or packing without flash-attn) repeats k/v to all heads;
@@ -215,7 +215,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup) -> int:
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     repeated = setup.attention == "eager" or (setup.packing and setup.attention != "flash_attention_2")
     kv_kept = q if repeated and shape.kv_heads != shape.heads else kv
-    total = 8 * h
+    total = a * h if setup.checkpointing else 8 * h
     total += a * (h + q)
     total += a * (2 * q + 2 * kv_kept) + 4 * shape.heads
     total += a * (h + (0 if setup.tiled_mlp else 4 * i))  # tiled: see mlp_shard_tokens
