@@ -42,27 +42,49 @@ def main() -> None:
         print(f"{name:62s} {found[0]:8,d} {found[1]:8,d}  {ratio}")
 
 
+def _base_config() -> dict:
+    return dict(
+        base_model="meta-llama/Llama-3.1-8B", load_in_4bit=True, adapter="qlora", lora_r=32, lora_alpha=16,
+        lora_target_linear=True, bf16=True, optimizer="paged_adamw_8bit", gradient_checkpointing=True,
+        micro_batch_size=1, learning_rate=1e-4, datasets=[{"path": "d.jsonl", "type": "alpaca"}], loss="dft",
+        attn_implementation="flash_attention_2", sequence_len=2048,
+    )
+
+
+MODES = {
+    "checkpointing": {},
+    "activation_offloading": {"activation_offloading": True},
+    "activation_offloading + tiled_mlp": {"activation_offloading": True, "tiled_mlp": True},
+}
+
+
+def peaks(lengths: tuple[int, ...] = (2048, 8192, 32768)) -> None:
+    """Peak GiB, planner / rehearsal, at fixed sequence lengths: where the two disagree, and by how much."""
+    from dft_peft.config import Config
+    from dft_peft.memory.rehearsal import Rehearser
+
+    shape = planner.shape_from_config(LLAMA_31_8B)
+    print(f"\n{'peak GiB, planner / rehearsed':40s} " + " ".join(f"{n:>16,d}" for n in lengths))
+    for name, extra in MODES.items():
+        cfg = Config.model_validate({**_base_config(), **extra})
+        rehearser = Rehearser(cfg, LLAMA_31_8B)
+        cells = []
+        for n in lengths:
+            plan = planner.estimate(shape, replace(planner.setup_from_config(cfg), sequence_len=n)).total / GIB
+            cells.append(f"{plan:6.2f} / {rehearser.step(n).total / GIB:6.2f}")
+        print(f"{name:40s} " + " ".join(f"{c:>16s}" for c in cells), flush=True)
+
+
 def rehearsed(budgets: tuple[int, ...] = (16, 24)) -> None:
     """Longest sequence_len (multiples of 1024) by the planner and by rehearsing the real step on
     the meta device (dft_peft/memory/rehearsal.py), for the three activation-memory modes."""
     from dft_peft.config import Config
     from dft_peft.memory.rehearsal import Rehearser
 
-    base = dict(
-        base_model="meta-llama/Llama-3.1-8B", load_in_4bit=True, adapter="qlora", lora_r=32, lora_alpha=16,
-        lora_target_linear=True, bf16=True, optimizer="paged_adamw_8bit", gradient_checkpointing=True,
-        micro_batch_size=1, learning_rate=1e-4, datasets=[{"path": "d.jsonl", "type": "alpaca"}], loss="dft",
-        attn_implementation="flash_attention_2", sequence_len=2048,
-    )
-    modes = {
-        "checkpointing": {},
-        "activation_offloading": {"activation_offloading": True},
-        "activation_offloading + tiled_mlp": {"activation_offloading": True, "tiled_mlp": True},
-    }
     shape = planner.shape_from_config(LLAMA_31_8B)
     print(f"\n{'longest sequence_len (dft, r32, batch 1)':40s} " + " ".join(f"{f'{g} GiB plan / rehearsed':>24s}" for g in budgets))
-    for name, extra in modes.items():
-        cfg = Config.model_validate({**base, **extra})
+    for name, extra in MODES.items():
+        cfg = Config.model_validate({**_base_config(), **extra})
         rehearser = Rehearser(cfg, LLAMA_31_8B)
         cells = []
         for g in budgets:
@@ -74,4 +96,5 @@ def rehearsed(budgets: tuple[int, ...] = (16, 24)) -> None:
 
 if __name__ == "__main__":
     main()
+    peaks()
     rehearsed()

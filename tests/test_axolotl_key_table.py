@@ -232,3 +232,14 @@ def test_sharegpt_types_say_how_to_convert(tmp_path):
     assert "field_messages: conversations" in message or "dataset option" in message
     message = load_error(tmp_path, datasets=[{"path": "d.jsonl", "type": "sharegpt:chat"}])
     assert "field_messages: conversations" in message
+
+
+def test_readme_key_table_is_the_generated_one():
+    """The README's counts are scripts/key_table.py's output; rerun it and paste when a key moves."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("key_table", TESTS.parent / "scripts" / "key_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    assert module.table() in readme, "README's key table is stale: run `python scripts/key_table.py` and paste"

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import tiny_run
 
 from dft_peft.config import Config
@@ -126,9 +127,47 @@ def test_model_config_overrides_reach_the_loaded_model(tiny):
     assert model.dtype == torch.float32
 
 
-def test_router_aux_loss_is_refused_since_the_fused_objective_omits_it(tiny):
-    with pytest.raises(UserError, match="output_router_logits"):
-        cfg_of(tiny, model_config={"output_router_logits": True})
+def _tiny_mixtral(router_logits: bool):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=101, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.05,
+        output_router_logits=router_logits,
+    )
+    return MixtralForCausalLM(config)  # fp32: the grouped expert matmul has no float64 kernel
+
+
+def test_router_aux_loss_is_added_to_the_fused_objective_as_the_model_adds_it(tiny):
+    """Axolotl's Mixtral examples set `model_config: {output_router_logits: true}`. Reference: the
+    unpatched transformers model's own loss (cross-entropy + coef x load balancing) and gradients."""
+    import dft_peft
+
+    cfg = cfg_of(tiny, model_config={"output_router_logits": True})
+    assert cfg.overrides_of_model_config == {"output_router_logits": True}
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    reference = _tiny_mixtral(True)
+    want = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    assert want.aux_loss is not None and want.aux_loss.item() > 0
+    want.loss.backward()
+
+    patched = dft_peft.patch_model(_tiny_mixtral(True), loss="sft")
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got.backward()
+    torch.testing.assert_close(got.detach(), want.loss.detach(), rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(patched.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # DFT: the same router term on top of the DFT objective of the same hidden states.
+    dft_with = dft_peft.patch_model(_tiny_mixtral(True), loss="dft")(input_ids=ids, attention_mask=mask, labels=labels)
+    dft_without = dft_peft.patch_model(_tiny_mixtral(False), loss="dft")(input_ids=ids, attention_mask=mask, labels=labels)
+    router = 0.05 * want.aux_loss.detach()  # MoeCausalLMOutputWithPast.aux_loss is before the coefficient
+    torch.testing.assert_close(dft_with.loss.detach() - dft_without.loss.detach(), router, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tokens", [1, 31, 32, 33, 1000, 128_257])

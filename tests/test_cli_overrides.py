@@ -160,6 +160,11 @@ SPECIAL_VALUES: dict[str, tuple[str, ...]] = {
     "tokenizer_config": ("--tokenizer_config={model}",),
     "dataset_prepared_path": ("--dataset_prepared_path={root}/prepared",),
     "output_dir": ("--output_dir={root}/elsewhere",),
+    "early_stopping_patience": ("--early_stopping_patience=3", "--val_set_size=0.25", "--eval_steps=5", "--save_steps=10"),
+    "load_best_model_at_end": ("--load_best_model_at_end=true", "--val_set_size=0.25", "--eval_steps=5", "--save_steps=10"),
+    "metric_for_best_model": ("--metric_for_best_model=eval_loss",),
+    "lr_quadratic_warmup": ("--lr_quadratic_warmup=true", "--lr_scheduler=cosine"),
+    "deepspeed": ("--deepspeed={{zero_optimization: {{stage: 2}}}}",),
 }
 
 

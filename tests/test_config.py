@@ -166,9 +166,8 @@ def test_full_axolotl_qlora_config_with_dft_loads(tmp_path, monkeypatch):
     assert cfg.datasets[0].path == "tatsu-lab/alpaca"  # a hub id is left alone
     assert cfg.output_dir == str(tmp_path / "outputs" / "qlora-out")
     assert cfg.strict is False
-    assert {"deepspeed", "fsdp", "xformers_attention", "debug", "group_by_length"} <= set(
-        cfg.ignored_keys
-    )
+    assert {"fsdp", "xformers_attention", "debug", "group_by_length"} <= set(cfg.ignored_keys)
+    assert cfg.deepspeed is None and cfg.early_stopping_patience is None  # empty: a field left unset
     assert cfg.effective_batch_size == 8
 
 
@@ -305,8 +304,8 @@ def test_malformed_override(tmp_path):
 
 
 def test_override_goes_through_the_unsupported_key_check(tmp_path):
-    message = load_error(tmp_path, MINIMAL, overrides=["deepspeed=zero2.json"])
-    assert "`deepspeed` is an Axolotl option dft-peft does not support" in message
+    message = load_error(tmp_path, MINIMAL, overrides=["rl=dpo"])
+    assert "`rl` is an Axolotl option dft-peft does not support" in message
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -428,9 +427,9 @@ def test_typo_is_an_error_even_when_not_strict(tmp_path):
 
 
 def test_unsupported_axolotl_key_is_an_error(tmp_path):
-    message = load_error(tmp_path, with_lines("deepspeed: deepspeed_configs/zero2.json"))
+    message = load_error(tmp_path, with_lines("relora: true"))
     assert message.startswith(
-        "config.yml: `deepspeed` is an Axolotl option dft-peft does not support"
+        "config.yml: `relora` is an Axolotl option dft-peft does not support"
     )
     assert "remove it (or set `strict: false` to ignore it with a warning)" in message
 
@@ -453,7 +452,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "reward_model: true",
         "lora_on_cpu: true",
         "flash_attn_fuse_mlp: true",
-        "torch_compile: true",
+        "tokenizer_legacy: true",
         "ddp_timeout: 3600",
         "hub_model_id: me/model",
         "push_dataset_to_hub: me/data",
@@ -469,26 +468,26 @@ def test_each_unsupported_axolotl_key_is_named(tmp_path, line):
 
 
 def test_several_unsupported_keys_in_one_line(tmp_path):
-    message = load_error(tmp_path, with_lines("deepspeed: ds.json", "torch_compile: true"))
-    assert "`deepspeed`, `torch_compile` are Axolotl options" in message
+    message = load_error(tmp_path, with_lines("rl: dpo", "neftune_noise_alpha: 5"))
+    assert "`rl`, `neftune_noise_alpha` are Axolotl options" in message
 
 
 def test_strict_false_warns_and_ignores(tmp_path):
-    lines = ("strict: false", "deepspeed: ds.json", "neftune_noise_alpha: 5")
+    lines = ("strict: false", "rl: dpo", "neftune_noise_alpha: 5")
     path = write(tmp_path, with_lines(*lines))
     with pytest.warns(UserWarning) as record:
         cfg = load_config(path)
     messages = [str(w.message) for w in record]
-    assert any("`deepspeed`" in m for m in messages)
+    assert any("`rl`" in m for m in messages)
     assert any("`neftune_noise_alpha`" in m for m in messages)
-    assert "deepspeed" in cfg.ignored_keys and "neftune_noise_alpha" in cfg.ignored_keys
-    assert "deepspeed" not in cfg.to_yaml_dict()
+    assert "rl" in cfg.ignored_keys and "neftune_noise_alpha" in cfg.ignored_keys
+    assert "rl" not in cfg.to_yaml_dict()
 
 
 def test_empty_or_off_axolotl_keys_are_accepted(tmp_path):
-    lines = ("deepspeed:", "group_by_length: false", "save_safetensors: true", "fsdp: []")
+    lines = ("rl:", "group_by_length: false", "save_safetensors: true", "fsdp: []")
     cfg = load_lines(tmp_path, *lines)
-    assert cfg.ignored_keys["deepspeed"] == "unset"
+    assert cfg.ignored_keys["rl"] == "unset"
 
 
 def test_harmless_axolotl_keys_are_accepted(tmp_path):

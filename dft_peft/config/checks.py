@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dft_peft.config.loop_keys import check_loop_keys
 from dft_peft.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -19,11 +20,6 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise ValueError("`load_in_4bit` and `load_in_8bit` are both true; keep one.")
-    if (cfg.overrides_of_model_config or {}).get("output_router_logits"):
-        raise ValueError(
-            "model_config: `output_router_logits: true` adds a mixture-of-experts router's auxiliary loss to "
-            "the objective, which dft-peft's fused objective does not compute; remove it."
-        )
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
         raise ValueError(
             "`adapter: qlora` needs `load_in_4bit: true` (Axolotl requires it too); add it, "
@@ -47,6 +43,7 @@ def check_consistency(cfg: Config) -> None:
             "`test_datasets` and a non-zero `val_set_size` are both set; keep one source of "
             "evaluation data."
         )
+    check_loop_keys(cfg)  # early stopping, best model, DeepSpeed: before the generic eval-data rule below
     if cfg.eval_steps and not cfg.val_set_size and not cfg.test_datasets:
         raise ValueError(
             "`eval_steps` is set but there is no evaluation data: set `val_set_size` (e.g. "

@@ -7,6 +7,7 @@ names, `bnb_config_kwargs`); a config written with any of them must mean the sam
 from __future__ import annotations
 
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ ACTIVATION_OFFLOADING_AS_OFFLOAD = (True, "legacy", "hidden_states")
 # Keys accepted on input and folded into other fields by `Config._normalize_inputs`.
 INPUT_ONLY_KEYS = (
     frozenset(LEGACY_ATTENTION_FLAGS) | frozenset(KEY_ALIASES) | {"bnb_config_kwargs"} | frozenset(LOSS_SWITCHES)
-    | {"activation_offloading"}
+    | {"activation_offloading", "batch_size", "bfloat16", "float16"}
 )
 
 
@@ -67,6 +68,8 @@ def normalize_inputs(data: Any, model_fields: Mapping[str, Any]) -> Any:
     fold_bnb_kwargs(data)
     fold_loss_switches(data)
     fold_activation_offloading(data)
+    fold_batch_size(data)
+    fold_dtype_spellings(data)
     if data.get("chat_template_jinja") and not data.get("chat_template"):
         data["chat_template"] = "jinja"  # Axolotl does the same
     # An empty `key:` means "not set" in Axolotl files: use our default where null is no value.
@@ -140,6 +143,62 @@ def fold_activation_offloading(data: dict[str, Any]) -> None:
             "drop `gradient_checkpointing: false`."
         )
     data["gradient_checkpointing"] = "offload"
+
+
+def fold_batch_size(data: dict[str, Any]) -> None:
+    """Axolotl's older `batch_size` (rows per optimizer step on one device) as the accumulation it
+    implies: Axolotl sets `gradient_accumulation_steps = batch_size // micro_batch_size`
+    (utils/config normalize_config) and refuses both keys together (check_gas_bsz)."""
+    batch = data.pop("batch_size", None)
+    if batch is None:
+        return
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"`batch_size` must be a whole number of rows per optimizer step (got {batch!r}).")
+    if data.get("gradient_accumulation_steps") is not None:
+        raise ValueError(
+            "`batch_size` and `gradient_accumulation_steps` are both set; keep one (Axolotl refuses both too)."
+        )
+    micro = data.get("micro_batch_size")
+    micro = 1 if micro is None else micro  # the schema's (and Axolotl's) default
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        return  # the schema names the bad micro_batch_size; batch_size is gone with it
+    if batch < micro:
+        raise ValueError(
+            f"`batch_size` {batch} is smaller than `micro_batch_size` {micro}; raise batch_size to a "
+            "multiple of micro_batch_size, or lower micro_batch_size."
+        )
+    if batch % micro:
+        warnings.warn(
+            f"batch_size {batch} is not a multiple of micro_batch_size {micro}: gradient_accumulation_steps "
+            f"= {batch // micro} ({batch // micro * micro} rows per optimizer step), as Axolotl rounds down.",
+            UserWarning,
+            stacklevel=2,
+        )
+    data["gradient_accumulation_steps"] = batch // micro
+
+
+def fold_dtype_spellings(data: dict[str, Any]) -> None:
+    """Axolotl's older dtype switches, where they mean one of our settings exactly.
+
+    * `bfloat16: true`: Axolotl loads the model in bf16 and trains with `bf16 = bf16 or bfloat16`
+      (resolve_dtype, the trainer builder): that is `bf16: true`.
+    * `float16: true`: Axolotl loads the weights in fp16 but leaves mixed precision to `fp16`, and a
+      resolved `bf16` wins over it. With `fp16: true` or `bf16: true` it therefore changes nothing;
+      alone it means fp16 weights trained without mixed precision (no loss scaling), which
+      dft-peft does not do, so it is refused with the setting to use instead.
+    """
+    if pop_switch(data, "bfloat16"):
+        if data.get("bf16") is False or data.get("fp16") is True:
+            raise ValueError(
+                "`bfloat16: true` (Axolotl's older spelling of `bf16: true`) conflicts with "
+                "`bf16: false` / `fp16: true`; keep one."
+            )
+        data["bf16"] = True
+    if pop_switch(data, "float16") and data.get("bf16") is not True and data.get("fp16") is not True:
+        raise ValueError(
+            "`float16: true` loads the model in fp16 and trains it without mixed precision (Axolotl's "
+            "meaning), which dft-peft does not do; use `fp16: true` (fp16 mixed precision) or `bf16: true`."
+        )
 
 
 def fold_bnb_kwargs(data: dict[str, Any]) -> None:

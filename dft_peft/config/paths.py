@@ -14,6 +14,7 @@ _INPUT_PATH_KEYS = (
     "tokenizer_config",
     "lora_model_dir",
     "resume_from_checkpoint",
+    "deepspeed",  # a JSON file's path (a mapping is left alone)
 )
 _OUTPUT_PATH_KEYS = ("output_dir", "dataset_prepared_path")
 DEFAULT_OUTPUT_DIR = "./model-out"

@@ -5,8 +5,8 @@ have and it runs. So key names, defaults and meanings follow Axolotl's schema
 (`axolotl/utils/schemas/*.py`), and no key is ever silently dropped:
 
 * a key that is neither ours nor Axolotl's (a typo) is an error that suggests the closest key;
-* an Axolotl key dft-peft does not implement (`deepspeed`, `rl`, `unsloth_*`, ...) is an error,
-  or with `strict: false` a warning naming it. Left empty or off (`deepspeed:`, `group_by_length:
+* an Axolotl key dft-peft does not implement (`rl`, `relora`, `unsloth_*`, ...) is an error,
+  or with `strict: false` a warning naming it. Left empty or off (`rl:`, `group_by_length:
   false`), as Axolotl's own example files do, it changes nothing and is accepted quietly;
 * objective parameters (`dft_alpha`, ...) sit at the top level and are checked against the loss
   registry, so a parameter of another objective is an error that names its loss.
@@ -34,6 +34,7 @@ from dft_peft.config.chat_templates import check_template_name
 from dft_peft.config.checks import check_consistency, reject_bool_number
 from dft_peft.config.describe import describe
 from dft_peft.config.fsdp import normalise_fsdp_config
+from dft_peft.config.loop_keys import check_deepspeed
 from dft_peft.config.normalize import normalize_inputs
 from dft_peft.losses.registry import validate_loss_params
 from dft_peft.config.datasets import DatasetConfig
@@ -155,6 +156,16 @@ class ConfigSchema(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=None, ge=0.0)
     seed: int = Field(default=42, ge=0, lt=2**32)  # numpy (transformers set_seed) takes 0..2**32-1
+    # Axolotl's loop keys (meanings: config/loop_keys.py; TrainingArguments: training/loop_options.py)
+    eval_batch_size: int | None = Field(default=None, ge=1, description="rows per eval batch (default micro_batch_size).")
+    lr_quadratic_warmup: bool | None = Field(default=None, description="cosine schedule: warm up as (step/warmup)^2.")
+    early_stopping_patience: int | None = Field(default=None, ge=0, description="stop after this many evaluations without a better eval loss.")
+    load_best_model_at_end: bool | None = False
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    torch_compile: bool | Literal["auto"] | None = Field(default=None, description="torch.compile the model (auto: on for torch >= 2.5.1).")
+    torch_compile_backend: str | None = None
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None
 
     # --- precision and memory ------------------------------------------------------------------
     bf16: bool | Literal["auto"] | None = Field(
@@ -185,6 +196,8 @@ class ConfigSchema(BaseModel):
     fsdp_config: dict[str, Any] | None = Field(
         default=None, description="Axolotl's FSDP block (CUDA GPUs only; e.g. reshard_after_forward)."
     )
+    deepspeed: str | dict[str, Any] | None = Field(default=None, description="DeepSpeed JSON (path or mapping), ZeRO stage 0-2.")
+    ddp_find_unused_parameters: bool | None = None
 
     # --- checkpoints, logging, evaluation ------------------------------------------------------
     output_dir: str = "./model-out"
@@ -246,7 +259,12 @@ class ConfigSchema(BaseModel):
     def _optimizer_alias(cls, value: Any) -> Any:
         return OPTIMIZER_ALIASES.get(value, value) if isinstance(value, str) else value
 
-    @field_validator("bf16", "tf32", mode="before")
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _deepspeed_zero_stage(cls, value: Any) -> Any:
+        return check_deepspeed(value)
+
+    @field_validator("bf16", "tf32", "torch_compile", mode="before")
     @classmethod
     def _bool_or_auto(cls, value: Any) -> Any:
         if value is None or isinstance(value, bool) or value == "auto":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dft_peft.losses.fused import LogitTransform, Plan, fused_loss_from_plan, make_plan
+from dft_peft.losses.router_aux import router_aux_loss
 from dft_peft.losses.stats import TokenStats
 
 PATCH_ATTR = "_dft_peft_patch"
@@ -147,6 +148,9 @@ def _fused_forward(
         token_weights=token_weights,
         ref_hidden_states=ref_hidden,
     )
+    aux = router_aux_loss(self, outputs, attention_mask)
+    if aux is not None:
+        loss = loss + aux.to(loss.device)
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,

@@ -14,6 +14,7 @@ from dft_peft.config import Config
 from dft_peft.errors import UserError
 from dft_peft.model.loading import Precision
 from dft_peft.training import distributed
+from dft_peft.training.loop_options import deepspeed_missing, loop_arguments
 
 logger = logging.getLogger("dft_peft")
 
@@ -45,10 +46,12 @@ def training_arguments(cfg: Config, precision: Precision, epoch_steps: int, *, h
             optional[theirs] = getattr(cfg, ours)
     if cfg.tf32 is not None and torch.cuda.is_available():
         optional["tf32"] = bool(cfg.tf32) if cfg.tf32 != "auto" else torch.cuda.get_device_capability()[0] >= 8
-    return TrainingArguments(
+    evaluating = has_eval and cfg.evals_per_epoch != 0
+    # eval batch size, early stopping / best model, torch.compile, DeepSpeed, DDP's unused-parameter search
+    optional.update(loop_arguments(cfg, save_steps=save_steps, eval_steps=eval_steps, has_eval=evaluating))
+    kwargs: dict[str, Any] = dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps or -1,
@@ -65,7 +68,7 @@ def training_arguments(cfg: Config, precision: Precision, epoch_steps: int, *, h
         save_strategy="steps" if save_steps else "epoch",
         save_steps=save_steps or 500,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy=("steps" if eval_steps else "epoch") if has_eval and cfg.evals_per_epoch != 0 else "no",
+        eval_strategy=("steps" if eval_steps else "epoch") if evaluating else "no",
         eval_steps=eval_steps,
         prediction_loss_only=True,  # the patched model returns no logits on the loss path
         remove_unused_columns=False,  # keep position_ids / token weights from our collator
@@ -78,16 +81,20 @@ def training_arguments(cfg: Config, precision: Precision, epoch_steps: int, *, h
         # logged as 0 (or as a plausible number); log what the loss really is.
         logging_nan_inf_filter=False,
         # Several processes: the loss divisor is the target-token count of the whole global batch
-        # (all ranks, all accumulation steps; see dft_peft/distributed.py), and every LoRA weight
-        # takes part in every forward, so DDP need not search the graph for unused ones.
+        # (all ranks, all accumulation steps; see dft_peft/distributed.py).
         average_tokens_across_devices=True,
-        ddp_find_unused_parameters=False,
         **distributed.fsdp_arguments(cfg.fsdp_config, cfg.fsdp_version),  # {} unless fsdp_config
         # No gradient_checkpointing here: modeling enables it on the model, before the adapter, and
         # the Trainer's default (off) keeps it from doing so again. Passing False only warns
         # (transformers 5.2x deprecates the name).
         **optional,
     )
+    try:
+        return TrainingArguments(**kwargs)
+    except ImportError as exc:  # DeepSpeed present but unusable (too old, a broken install)
+        if not cfg.deepspeed:
+            raise
+        raise UserError(f"{deepspeed_missing(cfg)} ({exc})") from None
 
 
 def wandb_environment(cfg: Config) -> dict[str, str]:

@@ -48,6 +48,7 @@ class AtomicCheckpointTrainer(Trainer):
         if not self.args.should_save:
             return
         name = f"checkpoint-{self.state.global_step}"
+        self._point_best_at_final_folder(run_dir, staging / name)
         if self.run_record is not None:
             write_record(staging / name, self.run_record)
         target = run_dir / name
@@ -61,6 +62,21 @@ class AtomicCheckpointTrainer(Trainer):
             identity=(self.run_record or {}).get("identity"),
             best=self.state.best_model_checkpoint,
         )
+
+    def _point_best_at_final_folder(self, run_dir: Path, staged: Path) -> None:
+        """transformers looks for the best checkpoint under the folder it saved into (staging
+        here), so `best_model_checkpoint` would name a staging path that is gone after the rename,
+        and `load_best_model_at_end` would find nothing. Point it at the final folder, also in the
+        staged trainer_state.json (what a resumed run reads), before the rename makes it visible."""
+        best_step = self.state.best_global_step
+        if not best_step or not self.args.should_save:
+            return
+        best = run_dir / f"checkpoint-{best_step}"
+        if best_step != self.state.global_step and not best.is_dir():
+            return
+        self.state.best_model_checkpoint = str(best)
+        if (staged / "trainer_state.json").is_file():
+            self.state.save_to_json(str(staged / "trainer_state.json"))
 
 
 def _staging_barrier() -> None:
