@@ -264,10 +264,27 @@ def test_deepspeed_missing_files_name_the_file(tiny, tmp_path):
         load_yaml(tiny, tmp_path, deepspeed="my_ds.json")
     assert "`my_ds.json` does not exist" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(UserError) as info:
-        load_yaml(tiny, tmp_path, deepspeed="deepspeed_configs/zero2.json")
+        load_yaml(tiny, tmp_path, deepspeed="deepspeed_configs/zero9.json")
     message = str(info.value)
-    assert "`deepspeed_configs/zero2.json` does not exist" in message and "ships with Axolotl" in message
-    assert "axolotl fetch deepspeed_configs" in message
+    assert "`deepspeed_configs/zero9.json` does not exist" in message and "ships Axolotl's zero1, zero2" in message
+
+
+def test_axolotls_deepspeed_configs_folder_is_shipped(tiny, tmp_path):
+    """Axolotl's examples say `deepspeed: deepspeed_configs/zero2.json`, a file of Axolotl's repository.
+    Reference: Axolotl's zero2.json restated (ZeRO-2, optimizer offloaded to the CPU)."""
+    cfg = load_yaml(tiny, tmp_path, deepspeed="deepspeed_configs/zero2.json")
+    shipped = json.loads(Path(cfg.deepspeed).read_text())
+    assert shipped["zero_optimization"] == {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}, "contiguous_gradients": True, "overlap_comm": True,
+    }
+    assert "\n" not in error_of(tiny, deepspeed="deepspeed_configs/zero3.json")
+    assert "ZeRO stage 3" in error_of(tiny, deepspeed="deepspeed_configs/zero3.json")
+    # the user's own file of that name wins
+    (tmp_path / "cfg" / "deepspeed_configs").mkdir(parents=True)
+    write_ds(tmp_path / "cfg" / "deepspeed_configs" / "zero2.json", 1)
+    assert load_yaml(tiny, tmp_path, deepspeed="deepspeed_configs/zero2.json").deepspeed == str(
+        tmp_path / "cfg" / "deepspeed_configs" / "zero2.json"
+    )
 
 
 def test_deepspeed_not_installed_is_one_line_when_the_run_starts(tiny, monkeypatch):

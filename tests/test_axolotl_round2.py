@@ -100,10 +100,25 @@ def test_xformers_runs_as_sdpa_with_a_note(tiny, written):
     assert "sdpa" in cfg.ignored_keys["xformers_attention"]
 
 
-@pytest.mark.parametrize("key", ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels", "flash_attn_rms_norm"])
+@pytest.mark.parametrize("key", ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels"])
 def test_speed_only_kernel_keys_are_accepted_with_their_reason(tiny, key):
     cfg = cfg_of(tiny, **{key: True})
     assert "faster" in cfg.ignored_keys[key]
+
+
+def test_flash_attn_rms_norm_is_refused_as_axolotl_019_refuses_it(tiny):
+    """Axolotl 0.19's DeprecatedParameters raises for `flash_attn_rms_norm: true` (its
+    archived stablelm-2 example fails there); `false` changes nothing and loads."""
+    with pytest.raises(UserError, match="flash_attn_rms_norm.*Axolotl 0.19 refuses it too"):
+        cfg_of(tiny, flash_attn_rms_norm=True)
+    assert cfg_of(tiny, flash_attn_rms_norm=False).ignored_keys["flash_attn_rms_norm"] == "unset"
+
+
+def test_swanlab_plugin_and_generation_metrics_are_accepted_with_their_reason(tiny):
+    cfg = cfg_of(tiny, plugins=["axolotl.integrations.swanlab.SwanLabPlugin"], use_swanlab=True,
+                 do_causal_lm_eval=True, eval_causal_lm_metrics=["sacrebleu"])
+    assert "eval loss is still logged" in cfg.ignored_keys["eval_causal_lm_metrics"]
+    assert "logging only" in cfg.ignored_keys["use_swanlab"]
 
 
 def test_trackers_are_accepted_as_logging_only(tiny):
@@ -228,3 +243,19 @@ def test_an_output_dir_on_a_read_only_file_system_is_one_line(tiny, capsys):
     assert main(["validate", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output_dir" in err[0] and "/sys/kernel" in err[0]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_tokenizer_legacy_reaches_the_tokenizer_as_axolotl_passes_it(tiny, legacy):
+    """Axolotl: `tokenizer_kwargs["legacy"] = cfg.tokenizer_legacy` when set. Reference: the same
+    tokenizer folder loaded by transformers with `legacy=` directly."""
+    from transformers import AutoTokenizer
+
+    from dft_peft.model import loading
+
+    cfg = cfg_of(tiny, tokenizer_legacy=legacy)
+    got = loading.load_tokenizer(cfg, Path(cfg.base_model))
+    want = AutoTokenizer.from_pretrained(cfg.base_model, legacy=legacy)
+    assert got.init_kwargs.get("legacy") == want.init_kwargs.get("legacy") == legacy
+    unset = loading.load_tokenizer(cfg_of(tiny), Path(cfg.base_model))
+    assert unset.init_kwargs.get("legacy") == AutoTokenizer.from_pretrained(cfg.base_model).init_kwargs.get("legacy")

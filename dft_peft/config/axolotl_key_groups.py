@@ -53,6 +53,8 @@ HARMLESS_KEYS = by_reason(
             "shuffle_merged_datasets", "shuffle_before_merging_datasets",
         ),
         "used by `axolotl merge-lora` after training, not by training": ("merge_method",),
+        "generation metrics (sacrebleu, comet, ter, chrf, perplexity) dft-peft does not compute at "
+        "eval; the eval loss is still logged and training is the same": ("do_causal_lm_eval", "eval_causal_lm_metrics"),
         "a tracker dft-peft does not log to (it logs to tensorboard and wandb via `report_to`): logging only, the run is the same": (
             "use_mlflow", "hf_mlflow_log_artifacts", "mlflow_experiment_name", "mlflow_run_name",
             "mlflow_tracking_uri", "use_comet", "comet_api_key", "comet_experiment_config",
@@ -66,10 +68,9 @@ HARMLESS_KEYS = by_reason(
             "swanlab_workspace",
         ),
         "kernels that compute the same layers faster (Axolotl's Triton LoRA kernels, the hub's, "
-        "flash-attn's RMSNorm, flex attention's compile settings); dft-peft runs peft's LoRA "
-        "layers and the model's own code": (
+        "flex attention's compile settings); dft-peft runs peft's LoRA layers and the model's own code": (
             "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel", "use_kernels",
-            "flash_attn_rms_norm", "flex_attn_compile_kwargs",
+            "flex_attn_compile_kwargs",
         ),
         "Inductor tuning flags (autotuning, padding, CUDA graphs): speed only; with "
         "`torch_compile: true` dft-peft compiles with Inductor's defaults": ("torch_compile_options",),
@@ -105,6 +106,9 @@ HARMLESS_KEYS = by_reason(
 
 REFUSED_KEYS = by_reason(
     {
+        "Axolotl 0.19 refuses it too (\"no longer supported\", axolotl/utils/schemas/deprecated.py)": (
+            "flash_attn_rms_norm",
+        ),
         "dft-peft trains on one device per process (DDP through torchrun/accelerate, or "
         "DeepSpeed ZeRO 0-2 with `deepspeed:`)": (
             "deepcompile", "fsdp", "fsdp_final_state_dict_type",
@@ -168,8 +172,6 @@ REFUSED_KEYS = by_reason(
         "with an adapter, Axolotl freezes every parameter its patterns miss (the LoRA weights "
         "too: it matches the PEFT-wrapped names) and PEFT then saves only the adapter, so base "
         "weights trained this way are lost": ("unfrozen_parameters",),
-        "the tokenizer's `legacy` switch (how text after a special token is split into ids) is "
-        "not passed to the tokenizer by dft-peft yet": ("tokenizer_legacy",),
         "a fused or custom kernel dft-peft does not apply; its numerics differ from the "
         "model's own code": (
             "xformers_attention", "s2_attention", "sage_attention",
@@ -210,7 +212,7 @@ REFUSED_KEYS = by_reason(
         "a checkpoint, evaluation or output dft-peft does not produce": (
             "eval_strategy", "evaluation_strategy", "save_strategy", "save_first_step",
             "save_only_model", "save_safetensors", "profiler_steps", "profiler_steps_start",
-            "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset",
+            "do_bench_eval", "bench_dataset",
             "bench_split", "generate_samples", "num_generation_samples",
             "generation_max_new_tokens", "generation_temperature", "generation_top_p",
             "generation_top_k", "generation_prompt_ratio", "generation_do_sample",
@@ -232,5 +234,4 @@ REFUSED_HINTS = {
     "rl": "dft-peft does supervised fine-tuning; pick the objective with `loss:`",
     "fsdp": "use `fsdp_version: 2` with an `fsdp_config:` block instead",
     "unfrozen_parameters": "use `lora_modules_to_save` to train whole modules (saved with the adapter)",
-    "tokenizer_legacy": "remove it to use the tokenizer's own default",
 }

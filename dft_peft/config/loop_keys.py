@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 LOSS_METRICS = ("loss", "eval_loss")
 # The folder of DeepSpeed configs in Axolotl's repository (`deepspeed: deepspeed_configs/zero2.json`).
 AXOLOTL_DEEPSPEED_FOLDER = "deepspeed_configs"
+# Axolotl's files of that folder, shipped with dft-peft (Apache-2.0; NOTICE.md there).
+BUNDLED_DEEPSPEED = Path(__file__).with_name(AXOLOTL_DEEPSPEED_FOLDER)
 ZERO3_REASON = (
     "ZeRO stage 3 shards every weight across GPUs, but dft-peft's fused loss reads the LM head's weight "
     "directly; use a stage 0-2 config (e.g. Axolotl's deepspeed_configs/zero2.json)"
@@ -40,10 +42,22 @@ def check_deepspeed(value: Any) -> str | dict[str, Any] | None:
         return None
     if not isinstance(value, (str, dict)):
         raise ValueError("must be the path of a DeepSpeed JSON file or a mapping of its settings")
+    if isinstance(value, str):
+        value = bundled_axolotl_file(value) or value
     config = value if isinstance(value, dict) else read_deepspeed_file(value)
     if zero_stage(config) == 3:
         raise ValueError(ZERO3_REASON)
     return value
+
+
+def bundled_axolotl_file(value: str) -> str | None:
+    """Our copy of Axolotl's `deepspeed_configs/<name>.json` when `value` names one that does not
+    exist where the config looked: Axolotl's examples assume a run from Axolotl's repository."""
+    path = Path(value)
+    if path.is_file() or path.parts[:1] != (AXOLOTL_DEEPSPEED_FOLDER,) or len(path.parts) != 2:
+        return None
+    bundled = BUNDLED_DEEPSPEED / path.name
+    return str(bundled) if bundled.is_file() else None
 
 
 def read_deepspeed_file(value: str) -> dict[str, Any]:
@@ -52,8 +66,8 @@ def read_deepspeed_file(value: str) -> dict[str, Any]:
     if not path.is_file():
         shipped = Path(value).parts[:1] == (AXOLOTL_DEEPSPEED_FOLDER,)
         hint = (
-            " (it ships with Axolotl's repository: copy it next to your config, e.g. with "
-            "`axolotl fetch deepspeed_configs`, or give its full path)"
+            " (dft-peft ships Axolotl's zero1, zero2 and zero3 files under this name: check the file "
+            "name, or give the file's full path)"
             if shipped
             else "; check the path (relative paths start from the config file's folder)"
         )

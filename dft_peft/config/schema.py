@@ -77,6 +77,7 @@ class ConfigSchema(BaseModel):
     tokenizer_config: str | None = None
     model_type: str | None = Field(default=None, description="e.g. AutoModelForCausalLM")
     tokenizer_type: str | None = Field(default=None, description="e.g. AutoTokenizer")
+    tokenizer_legacy: bool | None = Field(default=None, description="The tokenizer's `legacy=` (SentencePiece Llama).")
     model_revision: str | None = None
     gguf_file: str | None = Field(
         default=None, description="A .gguf file in base_model (hub repo or folder), converted to safetensors once."

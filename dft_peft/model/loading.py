@@ -85,7 +85,9 @@ def load_tokenizer(cfg: Any, model_path: Path):
     from transformers import AutoTokenizer
 
     source = hub.local_source(cfg, "tokenizer_config") or model_path
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    # Axolotl passes `tokenizer_legacy` as `legacy=` only when set (the tokenizer's own default else).
+    legacy = {} if cfg.tokenizer_legacy is None else {"legacy": cfg.tokenizer_legacy}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **legacy)
     if cfg.special_tokens is not None:
         specials = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
         tokenizer.add_special_tokens(specials)
