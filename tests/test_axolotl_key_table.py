@@ -124,7 +124,7 @@ def test_harmless_keys_load_with_their_reason(tmp_path):
 def test_accepted_plugins_give_one_info_line(tmp_path):
     cfg = load(
         tmp_path,
-        plugins=["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin", "axolotl.integrations.liger.LigerPlugin"],
+        plugins=list(ACCEPTED_PLUGINS),
         cut_cross_entropy=True,
         liger_rms_norm=True,
         liger_glu_activation=True,
