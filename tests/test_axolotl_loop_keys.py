@@ -368,7 +368,6 @@ def test_lr_quadratic_warmup_with_another_schedule_warns_as_axolotl_ignores_it(t
     "key, value, reason",
     [
         ("unfrozen_parameters", ["^lm_head.*"], "PEFT then saves only the adapter"),
-        ("tokenizer_legacy", True, "`legacy` switch"),
     ],
 )
 def test_keys_that_stay_refused_say_why(tiny, key, value, reason):

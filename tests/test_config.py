@@ -452,7 +452,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "reward_model: true",
         "lora_on_cpu: true",
         "flash_attn_fuse_mlp: true",
-        "tokenizer_legacy: true",
+        "flash_attn_rms_norm: true",
         "ddp_timeout: 3600",
         "hub_model_id: me/model",
         "push_dataset_to_hub: me/data",
