@@ -146,12 +146,11 @@ REFUSED_KEYS = by_reason(
         ),
         "a model-loading variant dft-peft does not implement (it would load another model)": (
             "overrides_of_model_kwargs", "cls_model_config",
-            "tokenizer_use_mistral_common", "model_quantization_config",
+            "model_quantization_config",
             "model_quantization_config_kwargs", "gptq", "use_onebitllms",
             "reinit_weights", "rope_scaling", "qat", "quantization", "fp8", "fp8_config",
             "float32", "fp32_norms", "fp32_norm_classes",
-            "llmcompressor", "quantize_moe_experts", "llama4_linearized_experts",
-            "experts_implementation", "gemma4_hybrid_attn_impl", "dense_mixer", "hatchery",
+            "llmcompressor", "experts_implementation", "gemma4_hybrid_attn_impl", "dense_mixer", "hatchery",
         ),
         "multimodal models are out of scope (dft-peft trains causal text models)": (
             "processor_type", "processor_kwargs", "image_size", "image_resize_algorithm",

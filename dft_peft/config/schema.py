@@ -35,6 +35,7 @@ from dft_peft.config.checks import check_consistency, reject_bool_number
 from dft_peft.config.describe import describe
 from dft_peft.config.fsdp import normalise_fsdp_config
 from dft_peft.config.loop_keys import check_deepspeed
+from dft_peft.config.model_fields import ModelFields
 from dft_peft.config.normalize import normalize_inputs
 from dft_peft.losses.registry import validate_loss_params
 from dft_peft.config.datasets import DatasetConfig
@@ -44,7 +45,6 @@ Optimizer = Literal[
     "adamw_torch_8bit", "adamw_torch_4bit",
 ]
 Scheduler = Literal["cosine", "linear", "constant"]
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager", "flex_attention"]
 Reporter = Literal["tensorboard", "wandb", "none"]
 
 # transformers' OptimizerNames spells the bitsandbytes AdamW two ways; keep one.
@@ -63,54 +63,13 @@ class SpecialTokens(BaseModel):
     additional_special_tokens: list[str] | None = None
 
 
-class ConfigSchema(BaseModel):
+class ConfigSchema(ModelFields):
     """The fields of a run configuration, their validators and queries; names, defaults and
     meanings follow Axolotl. Users get `dft_peft.config.Config` (this plus `from_dict`, defined
     beside `load_config` in load.py, which reads the YAML through these fields)."""
 
     # allow_inf_nan=False: `learning_rate: .inf` is refused up front, not found as a NaN adapter.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
-
-    # --- model ---------------------------------------------------------------------------------
-    base_model: str = Field(description="Hub id, local folder, or pkg://<package>/<file>.gguf.")
-    base_model_config: str | None = None
-    tokenizer_config: str | None = None
-    model_type: str | None = Field(default=None, description="e.g. AutoModelForCausalLM")
-    tokenizer_type: str | None = Field(default=None, description="e.g. AutoTokenizer")
-    tokenizer_legacy: bool | None = Field(default=None, description="The tokenizer's `legacy=` (SentencePiece Llama).")
-    model_revision: str | None = None
-    gguf_file: str | None = Field(
-        default=None, description="A .gguf file in base_model (hub repo or folder), converted to safetensors once."
-    )
-    trust_remote_code: bool = False
-    overrides_of_model_config: dict[str, Any] | None = Field(default=None, description="model config values to override (Axolotl's `model_config`).")
-    resize_token_embeddings_to_32x: bool | None = Field(default=None, description="grow the embeddings to a multiple of 32 rows.")
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    attn_implementation: AttnImplementation | None = Field(
-        default=None, description="None: the transformers default for the model (usually sdpa)."
-    )
-
-    # --- adapter -------------------------------------------------------------------------------
-    adapter: Literal["lora", "qlora"] | None = None
-    lora_model_dir: str | None = None
-    lora_r: int = Field(default=8, ge=1)
-    lora_alpha: int = Field(default=16, ge=1)
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | str | None = None
-    lora_target_linear: bool | None = None
-    lora_modules_to_save: list[str] | None = None
-    peft_use_rslora: bool | None = Field(default=None, description="rank-stabilised LoRA: scale alpha/sqrt(r).")
-    lora_fan_in_fan_out: bool | None = Field(default=None, description="weights stored (in, out), e.g. GPT-2 Conv1D.")
-
-    # --- kernels (Axolotl's LigerPlugin keys; applied when liger-kernel is installed) ------------
-    liger_rope: bool | None = None
-    liger_rms_norm: bool | None = None
-    liger_layer_norm: bool | None = None
-    liger_glu_activation: bool | None = None
-    liger_swiglu: bool | None = Field(default=None, description="older name of liger_glu_activation")
 
     # --- objective -----------------------------------------------------------------------------
     loss: str = Field(default="sft", description="Objective in the loss registry (sft, dft, ...).")

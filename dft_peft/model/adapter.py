@@ -11,6 +11,7 @@ import torch
 from dft_peft.config.checks import check_lora_targets_exist
 from dft_peft.errors import UserError
 from dft_peft.model import hub
+from dft_peft.model.moe_quant import PARAMETRIZED_EXCLUDE
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -122,7 +123,11 @@ def attach_adapter(model: Any, cfg: Any):
         check_lora_targets_exist(model, cfg.lora_target_modules)  # peft fails only when none matches
     if cfg.lora_target_linear:
         targets = sorted(set(targets) | set(linear_module_names(model)))
+    # MoE experts quantized by `quantize_moe_experts` expose `experts.parametrizations.<name>`
+    # modules; peft's name-suffix match must not take them for a `down_proj` layer.
+    parametrized = any(".parametrizations." in f"{name}." for name, _ in model.named_modules())
     lora_config = peft.LoraConfig(
+        exclude_modules=PARAMETRIZED_EXCLUDE if parametrized else None,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,

@@ -34,7 +34,7 @@ Kind = Literal["model", "config", "tokenizer", "adapter"]
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "spiece.model", "sentencepiece*.model",
+    "chat_template.json", "spiece.model", "sentencepiece*.model", "tekken.json",
 )
 _CONFIG_FILES = ("config.json", "generation_config.json")
 _KIND_KEY = {"model": "base_model", "config": "base_model_config", "tokenizer": "tokenizer_config", "adapter": "lora_model_dir"}

@@ -14,7 +14,7 @@ import torch
 
 from dft_peft.config.checks import check_model_config
 from dft_peft.errors import UserError
-from dft_peft.model import hub
+from dft_peft.model import hub, llama4_experts, moe_quant
 from dft_peft.model.source import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ def load_tokenizer(cfg: Any, model_path: Path):
     from transformers import AutoTokenizer
 
     source = hub.local_source(cfg, "tokenizer_config") or model_path
+    if getattr(cfg, "tokenizer_use_mistral_common", False):  # Axolotl's key: mistral-common's tokenizer
+        from dft_peft.model.mistral_tokenizer import check_mistral_options, load_mistral_tokenizer
+
+        check_mistral_options(cfg)
+        return load_mistral_tokenizer(source)
     # Axolotl passes `tokenizer_legacy` as `legacy=` only when set (the tokenizer's own default else).
     legacy = {} if cfg.tokenizer_legacy is None else {"legacy": cfg.tokenizer_legacy}
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **legacy)
@@ -140,7 +145,11 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
         kwargs["attn_implementation"] = attention
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = auto_cls.from_pretrained(model_path, **kwargs)
+    moe_quant.check_moe_quant(cfg)
+    with moe_quant.quantizing_experts_on_load(cfg), llama4_experts.linearized_experts(cfg, model_path):
+        model = auto_cls.from_pretrained(model_path, **kwargs)
+    if getattr(cfg, "quantize_moe_experts", False):
+        moe_quant.quantize_experts(model, cfg)  # any expert the loader did not set one by one
     rows = embedding_rows(len(tokenizer), cfg.resize_token_embeddings_to_32x)
     if rows > model.get_input_embeddings().weight.shape[0]:  # grown, never shrunk (as Axolotl)
         model.resize_token_embeddings(rows)
@@ -178,9 +187,11 @@ def load_model_config(cfg: Any, source: Any):
 def parameter_counts(model: Any) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
     trainable = total = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         n = p.numel()
         if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n *= 2
+        elif p.dtype == torch.uint8 and ".parametrizations." in name:  # 4-bit MoE experts (moe_quant)
             n *= 2
         total += n
         if p.requires_grad:
@@ -208,7 +219,10 @@ def load_for_inference(cfg: Any, adapter_dir: str | Path | None = None, *, quant
     else:
         tokenizer = load_tokenizer(cfg, model_path)
     if not quantize:
-        cfg = cfg.model_copy(update={"load_in_4bit": False, "load_in_8bit": False})
+        update = {"load_in_4bit": False, "load_in_8bit": False}
+        if "quantize_moe_experts" in type(cfg).model_fields:
+            update["quantize_moe_experts"] = False
+        cfg = cfg.model_copy(update=update)
     model = load_model(cfg, model_path, tokenizer, precision)
     if adapter_dir:
         if not Path(adapter_dir, "adapter_config.json").is_file():
