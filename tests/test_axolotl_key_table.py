@@ -97,15 +97,15 @@ def test_real_keys_are_not_called_typos(tmp_path):
         message = load_error(tmp_path, **{key: value})
         assert f"`{key}` is an Axolotl option dft-peft does not support" in message, message
         assert "unknown" not in message
-    cfg = load(tmp_path, gptq_groupsize=128, use_scattermoe=True, swanlab_project="p")
+    cfg = load(tmp_path, gptq_groupsize=128, nvfp4_merge_aware=True, swanlab_project="p")
     assert "gptq_groupsize" in cfg.ignored_keys
     assert "logging only" in cfg.ignored_keys["swanlab_project"]  # a tracker: accepted, the run is the same
-    assert "KernelsPlugin" in cfg.ignored_keys["use_scattermoe"]
+    assert "KernelsPlugin" in cfg.ignored_keys["nvfp4_merge_aware"]  # its plugin is not listed
 
 
 def test_plugin_keys_with_their_plugin_are_refused(tmp_path):
-    message = load_error(tmp_path, use_scattermoe=True, plugins=["axolotl.integrations.kernels.KernelsPlugin"])
-    assert "KernelsPlugin" in message or "use_scattermoe" in message
+    message = load_error(tmp_path, nvfp4_merge_aware=True, plugins=["axolotl.integrations.kernels.KernelsPlugin"])
+    assert "nvfp4_merge_aware" in message
 
 
 def test_typos_get_suggestions_from_the_full_set(tmp_path):

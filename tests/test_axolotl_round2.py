@@ -259,3 +259,63 @@ def test_tokenizer_legacy_reaches_the_tokenizer_as_axolotl_passes_it(tiny, legac
     assert got.init_kwargs.get("legacy") == want.init_kwargs.get("legacy") == legacy
     unset = loading.load_tokenizer(cfg_of(tiny), Path(cfg.base_model))
     assert unset.init_kwargs.get("legacy") == AutoTokenizer.from_pretrained(cfg.base_model).init_kwargs.get("legacy")
+
+
+# ----------------------------------------------------------------------------- MoE and kernel keys
+
+
+def _tiny_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, num_experts=4, num_experts_per_tok=2,
+    )
+    return Qwen3MoeForCausalLM(config)
+
+
+def test_lora_target_parameters_put_lora_on_fused_experts_as_peft_does(tiny):
+    """Axolotl's MoE examples target the fused 3-D expert tensors. Reference: peft's own LoraConfig
+    with the same target_parameters on the same model: the same trainable tensors, and they train."""
+    import peft
+
+    from dft_peft.model.adapter import attach_adapter
+
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    cfg = cfg_of(tiny, lora_target_linear=None, lora_target_modules=None, lora_target_parameters=experts,
+                 gradient_checkpointing=False)
+    got = attach_adapter(_tiny_qwen3_moe(), cfg)
+    want = peft.get_peft_model(_tiny_qwen3_moe(), peft.LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=[], target_parameters=experts, task_type="CAUSAL_LM"))
+    names = sorted(n for n, p in got.named_parameters() if p.requires_grad)
+    assert names == sorted(n for n, p in want.named_parameters() if p.requires_grad)
+    assert any("experts" in n and "lora_A" in n for n in names)
+    ids = torch.randint(0, 128, (1, 8))
+    got(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in got.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_experts_implementation_reaches_transformers_and_kernel_plugins_run_the_models_own(tiny, tmp_path):
+    from dft_peft.model import loading
+
+    model_dir = tmp_path / "moe"
+    _tiny_qwen3_moe().save_pretrained(model_dir)
+    cfg = cfg_of(tiny, experts_implementation="batched_mm")
+    tokenizer = loading.load_tokenizer(cfg, Path(cfg.base_model))
+    model = loading.load_model(cfg, model_dir, tokenizer, loading.Precision(bf16=False, fp16=False))
+    assert model.config._experts_implementation == "batched_mm"
+    kernel = cfg_of(tiny, experts_implementation="scattermoe", use_scattermoe=True,
+                    plugins=["axolotl.integrations.kernels.KernelsPlugin"])
+    assert kernel.experts_implementation is None
+    assert "runs as transformers' own experts code" in kernel.ignored_keys["experts_implementation"]
+    assert "faster" in kernel.ignored_keys["use_scattermoe"]
+
+
+def test_gemma4_hybrid_attention_runs_as_sdpa_with_a_note(tiny):
+    cfg = cfg_of(tiny, gemma4_hybrid_attn_impl=True, attn_implementation="flash_attention_2")
+    assert cfg.attn_implementation == "sdpa"
+    assert cfg.ignored_keys["gemma4_hybrid_attn_impl"].startswith("mapped: Gemma 4's hybrid attention runs as sdpa")
+    with pytest.raises(UserError, match="gemma4_hybrid_attn_impl"):
+        cfg_of(tiny, gemma4_hybrid_attn_impl=True, attn_implementation="eager")  # Axolotl refuses this too
+    assert "faster" in cfg_of(tiny, fused_attn_kernel=True).ignored_keys["fused_attn_kernel"]

@@ -68,9 +68,10 @@ HARMLESS_KEYS = by_reason(
             "swanlab_workspace",
         ),
         "kernels that compute the same layers faster (Axolotl's Triton LoRA kernels, the hub's, "
-        "flex attention's compile settings); dft-peft runs peft's LoRA layers and the model's own code": (
+        "the fused RMSNorm+RoPE kernel, the ScatterMoE/SonicMoE experts kernels, flex attention's "
+        "compile settings); dft-peft runs peft's LoRA layers and the model's own code": (
             "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel", "use_kernels",
-            "flex_attn_compile_kwargs",
+            "flex_attn_compile_kwargs", "fused_attn_kernel", "use_scattermoe", "use_sonicmoe",
         ),
         "Inductor tuning flags (autotuning, padding, CUDA graphs): speed only; with "
         "`torch_compile: true` dft-peft compiles with Inductor's defaults": ("torch_compile_options",),
@@ -109,6 +110,8 @@ REFUSED_KEYS = by_reason(
         "Axolotl 0.19 refuses it too (\"no longer supported\", axolotl/utils/schemas/deprecated.py)": (
             "flash_attn_rms_norm",
         ),
+        "Gemma 4's hybrid attention runs as sdpa here, which needs `attn_implementation` unset, "
+        "flash_attention_2 or sdpa (Axolotl refuses another choice too)": ("gemma4_hybrid_attn_impl",),
         "dft-peft trains on one device per process (DDP through torchrun/accelerate, or "
         "DeepSpeed ZeRO 0-2 with `deepspeed:`)": (
             "deepcompile", "fsdp", "fsdp_final_state_dict_type",
@@ -150,7 +153,7 @@ REFUSED_KEYS = by_reason(
             "model_quantization_config_kwargs", "gptq", "use_onebitllms",
             "reinit_weights", "rope_scaling", "qat", "quantization", "fp8", "fp8_config",
             "float32", "fp32_norms", "fp32_norm_classes",
-            "llmcompressor", "experts_implementation", "gemma4_hybrid_attn_impl", "dense_mixer", "hatchery",
+            "llmcompressor", "dense_mixer", "hatchery",
         ),
         "multimodal models are out of scope (dft-peft trains causal text models)": (
             "processor_type", "processor_kwargs", "image_size", "image_resize_algorithm",
@@ -160,7 +163,7 @@ REFUSED_KEYS = by_reason(
             "peft", "peft_use_dora", "peft_init_lora_weights", "peft_layer_replication",
             "peft_layers_pattern", "peft_layers_to_transform", "peft_trainable_token_indices",
             "peft_autocast_adapter_dtype", "peft_ensure_weight_tying", "lora_alpha_pattern",
-            "lora_rank_pattern", "lora_target_parameters", "lora_on_cpu", "merge_lora",
+            "lora_rank_pattern", "lora_on_cpu", "merge_lora",
             "qlora_sharded_model_loading", "loraplus_lr_ratio", "mora", "relora",
             "relora_cpu_offload", "relora_prune_method", "relora_prune_ratio", "lisa_n_layers",
             "lisa_step_interval", "lisa_layers_attribute", "spectrum_model_name",
@@ -175,7 +178,7 @@ REFUSED_KEYS = by_reason(
         "model's own code": (
             "xformers_attention", "s2_attention", "sage_attention",
             "flash_optimum", "flash_attn_fuse_mlp", "flash_attn_d512",
-            "fused_attn_kernel", "large_head_attention", "sdpa_varlen",
+            "large_head_attention", "sdpa_varlen",
             "tiled_mlp_use_original_mlp", "layer_offloading", "ple_cpu_offload", "batch_flattening",
             "selective_checkpointing", "dynamic_checkpoint", "dsv4_bf16_all",
             "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode",
@@ -183,7 +186,6 @@ REFUSED_KEYS = by_reason(
             "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
             "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware",
             "nvfp4_merge_aware_start_step", "use_dsv4_kernels", "use_glm_dsa_kernels",
-            "use_scattermoe", "use_sonicmoe",
         ),
         "changes which rows or tokens are trained on": (
             "pretraining_dataset", "pretraining_sample_concatenation", "streaming",

@@ -115,6 +115,10 @@ ACCEPTED_PLUGINS = {
         "`liger_layer_norm`, `liger_rope` when liger-kernel is installed; the loss is dft-peft's "
         "fused loss"
     ),
+    "axolotl.integrations.kernels.KernelsPlugin": (
+        "its kernels (ScatterMoE, SonicMoE, the hub's) compute the model's own layers faster; "
+        "dft-peft runs the model's own code"
+    ),
     "axolotl.integrations.swanlab.SwanLabPlugin": (
         "SwanLab is a tracker dft-peft does not log to (it logs to tensorboard and wandb via "
         "`report_to`): logging only, the run is the same"

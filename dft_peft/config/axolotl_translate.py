@@ -32,10 +32,41 @@ def translate_xformers(raw: dict[str, Any]) -> str | None:
     return None
 
 
+def translate_gemma4_hybrid_attention(raw: dict[str, Any]) -> str | None:
+    """`gemma4_hybrid_attn_impl: true` (FlashAttention-2 on Gemma 4's sliding-window layers, sdpa on
+    its global layers, whose head_dim 512 FlashAttention-2 cannot take) -> sdpa on every layer."""
+    if raw.get("gemma4_hybrid_attn_impl") is not True:
+        return None
+    if raw.get("attn_implementation") not in (None, "flash_attention_2", "sdpa"):
+        return None  # another choice conflicts: the key table says so
+    del raw["gemma4_hybrid_attn_impl"]
+    raw["attn_implementation"] = "sdpa"
+    return "Gemma 4's hybrid attention runs as sdpa on every layer (the same attention; FlashAttention-2 on the sliding-window layers is speed only)"
+
+
+def translate_kernel_experts(raw: dict[str, Any]) -> str | None:
+    """`experts_implementation: scattermoe | sonicmoe` (kernels of Axolotl's KernelsPlugin) -> the
+    model's own experts code."""
+    value = raw.get("experts_implementation")
+    if value not in KERNEL_EXPERTS:
+        return None
+    del raw["experts_implementation"]
+    return f"experts_implementation {value} (Axolotl's kernel plugin) runs as transformers' own experts code (the same MoE)"
+
+
+KERNEL_EXPERTS = ("scattermoe", "sonicmoe")
+TRANSLATIONS = (
+    ("fsdp", translate_legacy_fsdp),
+    ("xformers_attention", translate_xformers),
+    ("gemma4_hybrid_attn_impl", translate_gemma4_hybrid_attention),
+    ("experts_implementation", translate_kernel_experts),
+)
+
+
 def translate_axolotl(raw: dict[str, Any]) -> dict[str, str]:
     """Rewrite `raw` in place; {key: note} for each translation made."""
     notes: dict[str, str] = {}
-    for key, translate in (("fsdp", translate_legacy_fsdp), ("xformers_attention", translate_xformers)):
+    for key, translate in TRANSLATIONS:
         note = translate(raw)
         if note:
             notes[key] = MAPPED + note

@@ -25,10 +25,10 @@ def check_consistency(cfg: Config) -> None:
             "`adapter: qlora` needs `load_in_4bit: true` (Axolotl requires it too); add it, "
             "or use `adapter: lora`."
         )
-    if not cfg.lora_target_linear and not cfg.lora_target_modules:
+    if not cfg.lora_target_linear and not cfg.lora_target_modules and not cfg.lora_target_parameters:
         raise ValueError(
             "no LoRA target: set `lora_target_linear: true` (every linear layer) or list "
-            "`lora_target_modules` (e.g. [q_proj, k_proj, v_proj, o_proj])."
+            "`lora_target_modules` (e.g. [q_proj, k_proj, v_proj, o_proj]) or `lora_target_parameters`."
         )
     if cfg.bf16 is True and cfg.fp16:
         raise ValueError("`bf16` and `fp16` are both true; keep one (fp16 for T4/V100 GPUs).")

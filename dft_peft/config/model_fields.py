@@ -43,6 +43,9 @@ class ModelFields(BaseModel):
     llama4_linearized_experts: bool | None = Field(
         default=None, description="Llama 4 with one Linear per expert (Axolotl's linearized checkpoints)."
     )
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
+        default=None, description="transformers' MoE experts kernel (the same experts, another kernel)."
+    )
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -60,6 +63,9 @@ class ModelFields(BaseModel):
     lora_target_modules: list[str] | str | None = None
     lora_target_linear: bool | None = None
     lora_modules_to_save: list[str] | None = None
+    lora_target_parameters: list[str] | str | None = Field(
+        default=None, description="fused expert tensors (3-D parameters) to put LoRA on, via peft's target_parameters."
+    )
     peft_use_rslora: bool | None = Field(default=None, description="rank-stabilised LoRA: scale alpha/sqrt(r).")
     lora_fan_in_fan_out: bool | None = Field(default=None, description="weights stored (in, out), e.g. GPT-2 Conv1D.")
 

@@ -94,6 +94,10 @@ def restore_half_precision_norms(model: Any) -> int:
     return cast
 
 
+def _as_list(value: Any) -> list[str] | None:
+    return [value] if isinstance(value, str) else (list(value) if value else None)
+
+
 def attach_adapter(model: Any, cfg: Any):
     """LoRA (or QLoRA on a 4-bit model) through peft, or a saved adapter from `lora_model_dir`."""
     import peft
@@ -132,6 +136,8 @@ def attach_adapter(model: Any, cfg: Any):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        # fused MoE expert tensors (3-D parameters), as Axolotl passes `lora_target_parameters`
+        target_parameters=_as_list(getattr(cfg, "lora_target_parameters", None)),
         modules_to_save=cfg.lora_modules_to_save,
         use_rslora=bool(getattr(cfg, "peft_use_rslora", False)),
         fan_in_fan_out=bool(getattr(cfg, "lora_fan_in_fan_out", False)),

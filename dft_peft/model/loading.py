@@ -150,6 +150,10 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
         model = auto_cls.from_pretrained(model_path, **kwargs)
     if getattr(cfg, "quantize_moe_experts", False):
         moe_quant.quantize_experts(model, cfg)  # any expert the loader did not set one by one
+    if getattr(cfg, "experts_implementation", None):  # as Axolotl sets it: after loading, on the whole model
+        if not hasattr(model, "set_experts_implementation"):
+            raise UserError(f"experts_implementation: {type(model).__name__} has no experts kernels to choose; remove it.")
+        model.set_experts_implementation(cfg.experts_implementation)
     rows = embedding_rows(len(tokenizer), cfg.resize_token_embeddings_to_32x)
     if rows > model.get_input_embeddings().weight.shape[0]:  # grown, never shrunk (as Axolotl)
         model.resize_token_embeddings(rows)
