@@ -34,14 +34,10 @@ FP32 = Precision(bf16=False, fp16=False)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model_dir = tiny_run.tiny_model_dir(tmp_path_factory)
-    data = tiny_run.write_jsonl(tmp_path_factory.mktemp("d") / "train.jsonl", tiny_run.alpaca_rows(20))
-    return model_dir, data, tmp_path_factory.mktemp("out")
+    return tiny_run.tiny_run_files(tmp_path_factory, rows=20)
 
 
-def cfg_of(tiny, **overrides) -> Config:
-    model_dir, data, out = tiny
-    return Config.from_dict(tiny_run.config_dict(model_dir, data, out / "run", **overrides))
+cfg_of = tiny_run.config_of
 
 
 def error_of(tiny, **overrides) -> str:

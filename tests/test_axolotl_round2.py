@@ -24,14 +24,10 @@ from dft_peft.errors import UserError
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model_dir = tiny_run.tiny_model_dir(tmp_path_factory)
-    data = tiny_run.write_jsonl(tmp_path_factory.mktemp("d") / "train.jsonl", tiny_run.alpaca_rows(6))
-    return model_dir, data, tmp_path_factory.mktemp("out")
+    return tiny_run.tiny_run_files(tmp_path_factory, rows=6)
 
 
-def cfg_of(tiny, **overrides) -> Config:
-    model_dir, data, out = tiny
-    return Config.from_dict(tiny_run.config_dict(model_dir, data, out / "run", **overrides))
+cfg_of = tiny_run.config_of
 
 
 # ----------------------------------------------------------------------------- FSDP1 -> FSDP2

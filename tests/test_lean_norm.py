@@ -13,32 +13,18 @@ import peft
 import pytest
 import torch
 import transformers
-from tiny_models import ARCHITECTURES, COMMON, batch, tiny_causal_lm
+from tiny_models import COMMON, batch, tiny_family_lm
 
 from dft_peft.memory import lean_norm
 from dft_peft.memory.activations import apply_activation_memory
 from dft_peft.memory.lean_norm import LeanRMSNormFunction, apply_lean_norm
 
-EXTRA = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
-    "gemma3": (
-        transformers.Gemma3TextConfig,
-        transformers.Gemma3ForCausalLM,
-        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 8},
-    ),
-}
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3"]
 NORMS_PER_LAYER = {"qwen3": 4, "gemma2": 4, "gemma3": 6}  # q/k norms, pre/post feed-forward norms
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
-    if arch in ARCHITECTURES:
-        return tiny_causal_lm(arch, seed)
-    config_cls, model_cls, extra = EXTRA[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**{**COMMON, **extra})
-    config._attn_implementation = "eager"
-    return model_cls(config).eval()
+    return tiny_family_lm(arch, seed)
 
 
 def lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from tiny_models import ARCHITECTURES, COMMON, batch, tiny_causal_lm
+from tiny_models import COMMON, batch, tiny_causal_lm, tiny_family_lm
 
 from dft_peft.errors import UserError
 from dft_peft.memory.tiled_mlp import (
@@ -20,26 +20,12 @@ from dft_peft.memory.tiled_mlp import (
     mlp_shard_count,
 )
 
-EXTRA = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
-    "gemma3": (
-        transformers.Gemma3TextConfig,
-        transformers.Gemma3ForCausalLM,
-        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 8},
-    ),
-}
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
 EXACT = {"rtol": 1e-10, "atol": 1e-12}  # float64: only summation order differs
 
 
 def build(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    if arch in ARCHITECTURES:
-        return tiny_causal_lm(arch, seed, **overrides)
-    config_cls, model_cls, extra = EXTRA[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**{**COMMON, **extra, **overrides})
-    config._attn_implementation = "eager"
-    return model_cls(config).eval()
+    return tiny_family_lm(arch, seed, **overrides)
 
 
 def lora(model: torch.nn.Module, dropout: float = 0.0) -> torch.nn.Module:

@@ -47,6 +47,28 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.
     return model.eval()
 
 
+# Families the memory tests (lean norm, tiled MLP) also cover: built plainly (no head scaling).
+MORE_ARCHITECTURES = {
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 8},
+    ),
+}
+
+
+def tiny_family_lm(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """`tiny_causal_lm` for ARCHITECTURES, else a plain tiny model of MORE_ARCHITECTURES."""
+    if arch in ARCHITECTURES:
+        return tiny_causal_lm(arch, seed, **overrides)
+    config_cls, model_cls, extra = MORE_ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    config._attn_implementation = "eager"
+    return model_cls(config).eval()
+
+
 def batch(seed: int = 0, rows: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (rows, length), generator=g)

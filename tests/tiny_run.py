@@ -86,6 +86,20 @@ def make_config(model_dir: Path, data_path: Path, output_dir: Path, **overrides:
     return Config.from_dict(config_dict(model_dir, data_path, output_dir, **overrides))
 
 
+def tiny_run_files(tmp_path_factory, rows: int) -> tuple[Path, Path, Path]:
+    """(model folder, Alpaca data file of `rows` rows, output root): what a config test needs."""
+    data = write_jsonl(tmp_path_factory.mktemp("d") / "train.jsonl", alpaca_rows(rows))
+    return tiny_model_dir(tmp_path_factory), data, tmp_path_factory.mktemp("out")
+
+
+def config_of(files: tuple[Path, Path, Path], **overrides: Any):
+    """A checked `Config` (Config.from_dict, as `load_config` builds it) over `tiny_run_files`."""
+    from dft_peft.config import Config
+
+    model_dir, data, out = files
+    return Config.from_dict(config_dict(model_dir, data, out / "run", **overrides))
+
+
 def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
