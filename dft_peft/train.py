@@ -27,10 +27,12 @@ from dft_peft.training import distributed
 from dft_peft.training.arguments import steps_per_epoch, training_arguments
 from dft_peft.training.checkpoints import AtomicCheckpointTrainer
 from dft_peft.training.divergence import install_divergence_guard
+from dft_peft.training.jagged_schedule import install_jagged_restarts
 from dft_peft.training.loop_options import install_early_stopping, install_quadratic_warmup
 from dft_peft.training.metrics import install_metrics_callback
 from dft_peft.training.output_dir import claim_output_dir, take_output_dir
 from dft_peft.training.outputs import RESOLVED_CONFIG, save_outputs
+from dft_peft.training.relora import install_relora
 from dft_peft.training.run_identity import run_record
 from dft_peft.training.watchdog import install_loss_watchdog
 
@@ -93,6 +95,8 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
     install_divergence_guard(trainer, cfg)  # NaN/inf loss or gradients: stop before saving anything
     install_early_stopping(trainer, cfg)  # early_stopping_patience: transformers' EarlyStoppingCallback
     install_quadratic_warmup(trainer, cfg)  # lr_quadratic_warmup: Axolotl's cosine schedule
+    install_jagged_restarts(trainer, cfg)  # jagged_restart_steps: the schedule dips at each restart
+    install_relora(trainer, cfg, resume)  # relora: merge LoRA into the base and restart it
 
     # 5. Train, resuming from the last complete checkpoint when asked (found in step 0).
     take_output_dir(cfg, overwrite=overwrite)

@@ -87,13 +87,13 @@ def test_legacy_keys_are_not_in_axolotl_019_and_have_reasons():
         assert key not in axolotl_tables()["config_keys"] and is_axolotl_key(key)
 
 
-@pytest.mark.parametrize("key", ["relora", "peft", "gptq_groupsize", "use_scattermoe", "swanlab_project", "swanlab_mode"])
+@pytest.mark.parametrize("key", ["lisa_n_layers", "peft", "gptq_groupsize", "use_scattermoe", "swanlab_project", "swanlab_mode"])
 def test_issue_examples_are_axolotl_keys(key):
     assert is_axolotl_key(key) and key_category(key)[0] != "unknown"
 
 
 def test_real_keys_are_not_called_typos(tmp_path):
-    for key, value in [("relora", True), ("peft", {"loftq_config": {"loftq_bits": 4}}), ("gptq", True)]:
+    for key, value in [("lisa_n_layers", 4), ("peft_use_dora", True), ("gptq", True)]:
         message = load_error(tmp_path, **{key: value})
         assert f"`{key}` is an Axolotl option dft-peft does not support" in message, message
         assert "unknown" not in message
@@ -110,8 +110,8 @@ def test_plugin_keys_with_their_plugin_are_refused(tmp_path):
 
 def test_typos_get_suggestions_from_the_full_set(tmp_path):
     assert "Did you mean `lora_r`?" in load_error(tmp_path, lora_rr=8)
-    message = load_error(tmp_path, relorra=True)
-    assert "Did you mean `relora` (an Axolotl option" in message
+    message = load_error(tmp_path, lisa_n_layer=4)
+    assert "Did you mean `lisa_n_layers` (an Axolotl option" in message
     assert "neither a dft-peft option nor one of Axolotl 0.19.0" in load_error(tmp_path, qqqq=1)
 
 

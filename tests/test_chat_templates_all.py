@@ -127,3 +127,36 @@ def test_alpaca_styles_train_the_output_and_prompt_like_training(tmp_path):
     assert tok.decode(row["input_ids"]) == "<s>" + system + phi + "The answer is 5.</s>"
     assert trained_text(tok, row["input_ids"], row["labels"]) == "The answer is 5.</s>"
     assert build_prompt(rows[0], entry, tok, None, "test") == system + phi
+
+
+THINKING_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.thinking %}<think>{{ m.thinking }}</think>\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_field_thinking_reaches_the_template_and_is_trained_with_the_reply(tmp_path):
+    """Axolotl's `field_thinking` / `template_thinking_key`: the row's trace is passed to the
+    template under the template's name and trained from the trace through the reply."""
+    rows = [{"messages": [CONVO[0], {**CONVO[1], "reasoning": "Two and two make four."}]}]
+    tok, row = _prepare(
+        tmp_path, rows, chat_template=THINKING_CHATML, field_thinking="reasoning", template_thinking_key="thinking"
+    )
+    rendered = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n" \
+        "<think>Two and two make four.</think>\nThe answer is four.<|im_end|>\n"
+    assert tok.decode(row["input_ids"]) == rendered
+    assert trained_text(tok, row["input_ids"], row["labels"]) == "Two and two make four.</think>\nThe answer is four.<|im_end|>"
+
+
+def test_reasoning_content_is_axolotls_default_and_dropped_turns_stay_untrained(tmp_path):
+    """Qwen3's template drops the traces of earlier turns: only the last one is rendered and trained."""
+    convo = [
+        CONVO[0], {**CONVO[1], "reasoning_content": "Adding two twos."},
+        CONVO[2], {**CONVO[3], "reasoning_content": "Three and two is five."},
+    ]
+    tok, row = _prepare(tmp_path, [{"messages": convo}], chat_template="qwen3")
+    assert tok.decode(row["input_ids"]) == tok.apply_chat_template(convo, chat_template=template_text("qwen3"), tokenize=False)
+    trained = trained_text(tok, row["input_ids"], row["labels"])
+    assert "Three and two is five." in trained and "Adding two twos." not in tok.decode(row["input_ids"])
+    assert CONVO[1]["content"] in trained and CONVO[3]["content"] in trained
+    assert not any(m["content"] in trained for m in CONVO if m["role"] == "user")

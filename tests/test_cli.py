@@ -75,7 +75,7 @@ BAD_INPUTS = {
     "typo": (dict(learning_rate=None, lerning_rate=1e-3), ["`lerning_rate`", "Did you mean `learning_rate`?"]),
     "unknown_loss": (dict(loss="dtf"), ["`dtf`", "Did you mean `dft`?"]),
     "alpha_out_of_range": (dict(dft_alpha=1.5), ["dft_alpha", "1.5"]),
-    "unsupported_axolotl_key": (dict(relora=True), ["`relora`", "does not support"]),
+    "unsupported_axolotl_key": (dict(lisa_n_layers=4), ["`lisa_n_layers`", "does not support"]),
     "uncached_hub_id": (
         dict(base_model="nobody-here/tiny-model-not-in-cache"),
         ["nobody-here/tiny-model-not-in-cache", "HF_HUB_OFFLINE=1", "Hugging Face cache"],  # tests run offline

@@ -164,7 +164,15 @@ SPECIAL_VALUES: dict[str, tuple[str, ...]] = {
     "load_best_model_at_end": ("--load_best_model_at_end=true", "--val_set_size=0.25", "--eval_steps=5", "--save_steps=10"),
     "metric_for_best_model": ("--metric_for_best_model=eval_loss",),
     "lr_quadratic_warmup": ("--lr_quadratic_warmup=true", "--lr_scheduler=cosine"),
+    "relora": ("--relora=true", "--jagged_restart_steps=5"),
+    "relora_prune_ratio": ("--relora_prune_ratio=0.5", "--relora=true", "--jagged_restart_steps=5"),
+    "relora_prune_method": ("--relora_prune_method=random", "--relora=true", "--jagged_restart_steps=5"),
+    "relora_cpu_offload": ("--relora_cpu_offload=true", "--relora=true", "--jagged_restart_steps=5"),
+    "jagged_restart_warmup_steps": ("--jagged_restart_warmup_steps=2", "--jagged_restart_steps=5"),
+    "jagged_restart_anneal_steps": ("--jagged_restart_anneal_steps=2", "--jagged_restart_steps=5"),
     "deepspeed": ("--deepspeed={{zero_optimization: {{stage: 2}}}}",),
+    "peft": ("--peft={{loftq_config: {{loftq_bits: 8}}}}",),
+    "model_quantization_config_kwargs": ("--model_quantization_config_kwargs={{dequantize: true}}", "--model_quantization_config=Mxfp4Config"),
 }
 
 

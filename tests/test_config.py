@@ -427,9 +427,9 @@ def test_typo_is_an_error_even_when_not_strict(tmp_path):
 
 
 def test_unsupported_axolotl_key_is_an_error(tmp_path):
-    message = load_error(tmp_path, with_lines("relora: true"))
+    message = load_error(tmp_path, with_lines("lisa_n_layers: 4"))
     assert message.startswith(
-        "config.yml: `relora` is an Axolotl option dft-peft does not support"
+        "config.yml: `lisa_n_layers` is an Axolotl option dft-peft does not support"
     )
     assert "remove it (or set `strict: false` to ignore it with a warning)" in message
 
@@ -440,7 +440,7 @@ def test_unsupported_axolotl_key_is_an_error(tmp_path):
         "fsdp_final_state_dict_type: FULL_STATE_DICT",
         "rl: dpo",
         "dpo_beta: 0.1",
-        "relora: true",
+        "loraplus_lr_ratio: 16",
         "unfrozen_parameters: [lm_head.*]",
         "processor_type: AutoProcessor",
         "relora_steps: 100",

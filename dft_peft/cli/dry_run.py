@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dft_peft.model import hub
-from dft_peft.model import adapter, loading, source
+from dft_peft.model import adapter, loading, loftq, source
 from dft_peft.errors import UserError
 
 
@@ -26,7 +26,8 @@ def count_parameters_without_weights(cfg: Any, model_path) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora_model_dir:
-        model = peft.PeftModel.from_pretrained(model, hub.local_source(cfg, "lora_model_dir"), is_trainable=True)
+        with loftq.loftq_anywhere():  # a saved LoftQ adapter: only its shapes on meta
+            model = peft.PeftModel.from_pretrained(model, hub.local_source(cfg, "lora_model_dir"), is_trainable=True)
     else:
         plain = cfg.model_copy(update={"load_in_4bit": False, "load_in_8bit": False, "gradient_checkpointing": False})
         model = adapter.attach_adapter(model, plain)

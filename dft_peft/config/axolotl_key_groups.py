@@ -149,8 +149,7 @@ REFUSED_KEYS = by_reason(
         ),
         "a model-loading variant dft-peft does not implement (it would load another model)": (
             "overrides_of_model_kwargs", "cls_model_config",
-            "model_quantization_config",
-            "model_quantization_config_kwargs", "gptq", "use_onebitllms",
+            "gptq", "use_onebitllms",
             "reinit_weights", "rope_scaling", "qat", "quantization", "fp8", "fp8_config",
             "float32", "fp32_norms", "fp32_norm_classes",
             "llmcompressor", "dense_mixer", "hatchery",
@@ -160,17 +159,16 @@ REFUSED_KEYS = by_reason(
             "role_boundaries", "freeze_mm_modules",
         ),
         "a PEFT variant dft-peft does not implement (another adapter than plain LoRA)": (
-            "peft", "peft_use_dora", "peft_init_lora_weights", "peft_layer_replication",
+            "peft_use_dora", "peft_init_lora_weights", "peft_layer_replication",
             "peft_layers_pattern", "peft_layers_to_transform", "peft_trainable_token_indices",
             "peft_autocast_adapter_dtype", "peft_ensure_weight_tying", "lora_alpha_pattern",
             "lora_rank_pattern", "lora_on_cpu", "merge_lora",
-            "qlora_sharded_model_loading", "loraplus_lr_ratio", "mora", "relora",
-            "relora_cpu_offload", "relora_prune_method", "relora_prune_ratio", "lisa_n_layers",
+            "qlora_sharded_model_loading", "loraplus_lr_ratio", "mora", "lisa_n_layers",
             "lisa_step_interval", "lisa_layers_attribute", "spectrum_model_name",
             "spectrum_top_fraction",
         ),
-        "ReLoRA (Axolotl 0.19 calls these `jagged_restart_*`): restarts the adapter during "
-        "training, a different procedure": ("relora_steps", "relora_warmup_steps", "relora_anneal_steps"),
+        "an older Axolotl's ReLoRA key; Axolotl 0.19 (and dft-peft) call it `jagged_restart_steps`, "
+        "`jagged_restart_warmup_steps`, `jagged_restart_anneal_steps`": ("relora_steps", "relora_warmup_steps", "relora_anneal_steps"),
         "with an adapter, Axolotl freezes every parameter its patterns miss (the LoRA weights "
         "too: it matches the PEFT-wrapped names) and PEFT then saves only the adapter, so base "
         "weights trained this way are lost": ("unfrozen_parameters",),
@@ -181,11 +179,15 @@ REFUSED_KEYS = by_reason(
             "large_head_attention", "sdpa_varlen",
             "tiled_mlp_use_original_mlp", "layer_offloading", "ple_cpu_offload", "batch_flattening",
             "selective_checkpointing", "dynamic_checkpoint", "dsv4_bf16_all",
-            "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode",
+            "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode",
             "dsv4_shared_mlp_lora_kernel", "expert_backend", "gemma4_fp8_nonexpert",
             "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
-            "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware",
-            "nvfp4_merge_aware_start_step", "use_dsv4_kernels", "use_glm_dsa_kernels",
+            "moe_grouped_backend", "nonexpert_quantization", "use_glm_dsa_kernels",
+        ),
+        "Axolotl's kernels for checkpoints stored in NVFP4, which only they load and train, on a "
+        "Blackwell GPU (sm100+); transformers cannot load such checkpoints yet. Use the model's bf16 "
+        "release with `load_in_4bit: true` (and `quantize_moe_experts: true` for a MoE)": (
+            "nvfp4_merge_aware", "nvfp4_merge_aware_start_step", "use_dsv4_kernels", "dsv4_fp4_grouped_mode",
         ),
         "changes which rows or tokens are trained on": (
             "pretraining_dataset", "pretraining_sample_concatenation", "streaming",
@@ -207,8 +209,7 @@ REFUSED_KEYS = by_reason(
             "dion_rank_multiple_of", "qgalore_cos_threshold", "qgalore_gamma_proj",
             "qgalore_proj_bits", "qgalore_proj_group_size", "qgalore_proj_quant",
             "qgalore_proj_type", "qgalore_queue_size", "qgalore_rank", "qgalore_scale",
-            "qgalore_update_proj_gap", "jagged_restart_steps", "jagged_restart_warmup_steps",
-            "jagged_restart_anneal_steps",
+            "qgalore_update_proj_gap",
         ),
         "a checkpoint, evaluation or output dft-peft does not produce": (
             "eval_strategy", "evaluation_strategy", "save_strategy", "save_first_step",
@@ -231,7 +232,6 @@ REFUSED_HINTS = {
     "eval_strategy": "use `eval_steps` or `evals_per_epoch` instead",
     "evaluation_strategy": "use `eval_steps` or `evals_per_epoch` instead",
     "save_strategy": "use `save_steps` or `saves_per_epoch` instead",
-    "model_quantization_config": "use `load_in_4bit: true` or `load_in_8bit: true` instead",
     "rl": "dft-peft does supervised fine-tuning; pick the objective with `loss:`",
     "fsdp": "use `fsdp_version: 2` with an `fsdp_config:` block instead",
     "unfrozen_parameters": "use `lora_modules_to_save` to train whole modules (saved with the adapter)",

@@ -151,9 +151,8 @@ DATASET_REFUSED_KEYS = by_reason(
         "selects a part of the dataset; dft-peft trains on all rows": ("shards", "shards_idx"),
         "per-turn or per-character training flags dft-peft does not implement (they change the "
         "masks)": ("message_field_training", "message_field_training_detail"),
-        "reasoning traces and tool definitions are not passed to the template by dft-peft": (
-            "field_thinking", "template_thinking_key", "split_thinking", "field_tools",
-        ),
+        "reasoning traces inside the reply text and tool definitions are not passed to the template by "
+        "dft-peft": ("split_thinking", "field_tools"),
         "fields of older Axolotl prompt types dft-peft does not implement": (
             "conversation", "field_human", "field_model", "input_format", "input_transform",
         ),

@@ -8,6 +8,7 @@ attention kernel) while computing the same thing, and the user is told so.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from dft_peft.config.fsdp_legacy import translate_legacy_fsdp
@@ -54,8 +55,26 @@ def translate_kernel_experts(raw: dict[str, Any]) -> str | None:
     return f"experts_implementation {value} (Axolotl's kernel plugin) runs as transformers' own experts code (the same MoE)"
 
 
+# transformers' `attn_implementation: <org>/<repo>[@rev][:fn]`: an attention kernel fetched from the hub
+# by the `kernels` package (compiled code from the hub, like trust_remote_code).
+HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:\w+)?$")
+
+
+def translate_hub_attention(raw: dict[str, Any]) -> str | None:
+    """`attn_implementation: kernels-community/vllm-flash-attn3` -> the model's own attention."""
+    value = raw.get("attn_implementation")
+    if not isinstance(value, str) or not HUB_KERNEL.match(value):
+        return None
+    del raw["attn_implementation"]
+    return (
+        f"attention kernel `{value}` from the hub runs as the model's own attention (transformers' default for "
+        "it: sdpa, or eager where the model has no sdpa; the same attention, and no compiled code is downloaded)"
+    )
+
+
 KERNEL_EXPERTS = ("scattermoe", "sonicmoe")
 TRANSLATIONS = (
+    ("attn_implementation", translate_hub_attention),
     ("fsdp", translate_legacy_fsdp),
     ("xformers_attention", translate_xformers),
     ("gemma4_hybrid_attn_impl", translate_gemma4_hybrid_attention),

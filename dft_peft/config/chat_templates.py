@@ -28,7 +28,6 @@ REFUSED_TEMPLATES = {
     "pixtral": "a multimodal (image) template; dft-peft trains causal text models",
     "qwen2_vl": "a multimodal (image) template; dft-peft trains causal text models",
     "llama3_2_vision": "a multimodal (image) template; dft-peft trains causal text models",
-    "gemma4_unified": "a multimodal (image/audio) template; dft-peft trains causal text models",
     "command_a": "it always opens a new assistant turn after the conversation, so the end of a reply "
     "cannot be told from the next turn's header",
     "command_a_rag": "renders retrieved documents the rows would have to carry; not supported",

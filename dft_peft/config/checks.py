@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dft_peft.config.loftq_keys import check_loftq
 from dft_peft.config.loop_keys import check_loop_keys
+from dft_peft.config.relora_keys import check_relora
 from dft_peft.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -18,6 +20,7 @@ def check_consistency(cfg: Config) -> None:
             "`adapter` is not set: dft-peft trains LoRA adapters only (no full fine-tuning); "
             "add `adapter: lora`, or `adapter: qlora` with `load_in_4bit: true`."
         )
+    check_loftq(cfg)  # `peft.loftq_config`: before the qlora rule, which would ask for load_in_4bit
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise ValueError("`load_in_4bit` and `load_in_8bit` are both true; keep one.")
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
@@ -44,6 +47,7 @@ def check_consistency(cfg: Config) -> None:
             "evaluation data."
         )
     check_loop_keys(cfg)  # early stopping, best model, DeepSpeed: before the generic eval-data rule below
+    check_relora(cfg)  # ReLoRA and jagged restarts: Axolotl's check_relora
     if cfg.eval_steps and not cfg.val_set_size and not cfg.test_datasets:
         raise ValueError(
             "`eval_steps` is set but there is no evaluation data: set `val_set_size` (e.g. "
@@ -51,6 +55,26 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.chat_template == "jinja" and not cfg.chat_template_jinja:
         raise ValueError("`chat_template: jinja` needs the template in `chat_template_jinja`.")
+    check_prequantized(cfg)
+
+
+def check_prequantized(cfg: Config) -> None:
+    """`model_quantization_config`: Axolotl's rule against bitsandbytes, and MXFP4 only dequantized."""
+    name, kwargs = cfg.model_quantization_config, cfg.model_quantization_config_kwargs
+    if name is None:
+        if kwargs:
+            raise ValueError("`model_quantization_config_kwargs` is set without `model_quantization_config`; add it or remove them.")
+        return
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ValueError(
+            "model_quantization_config and load_in_8bit or load_in_4bit cannot be used together (Axolotl's rule): "
+            "the checkpoint's own format replaces bitsandbytes; remove one."
+        )
+    if name == "Mxfp4Config" and not (kwargs or {}).get("dequantize"):
+        raise ValueError(
+            "model_quantization_config: Mxfp4Config trains only dequantized (transformers' MXFP4 kernels cannot "
+            "train); add `model_quantization_config_kwargs: {dequantize: true}`."
+        )
 
 
 # ----------------------------------------------------------------------------- warnings at load

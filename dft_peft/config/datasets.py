@@ -51,6 +51,10 @@ class DatasetConfig(BaseModel):
     train_on_eot: TrainOnEos | None = Field(default=None, description="end-of-turn tokens; default: as train_on_eos")
     eot_tokens: list[str] | None = Field(default=None, description="set from the top-level `eot_tokens`")
     drop_system_message: bool | None = None
+    field_thinking: str = Field(default="reasoning_content", description="Message key holding the reasoning trace.")
+    template_thinking_key: str | None = Field(
+        default="reasoning_content", description="Name the chat template reads the reasoning trace under."
+    )
     chat_template: str | None = None
     weight_field: str | None = None
     min_weight: float | None = None

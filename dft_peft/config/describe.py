@@ -20,6 +20,11 @@ def describe(cfg: Config) -> str:
         quant = f"4-bit {cfg.bnb_4bit_quant_type}{double}"
     elif cfg.load_in_8bit:
         quant = "8-bit"
+    if cfg.peft and cfg.peft.loftq_config:
+        quant += f" (LoftQ: {cfg.peft.loftq_config.loftq_bits}-bit base rounded at adapter init)"
+    elif cfg.model_quantization_config:
+        dequantized = (cfg.model_quantization_config_kwargs or {}).get("dequantize")
+        quant = f"the checkpoint's own ({cfg.model_quantization_config}{', dequantized at load' if dequantized else ''})"
     targets = (
         "all linear layers" if cfg.lora_target_linear else f"{cfg.lora_target_modules}"
     )
@@ -46,7 +51,7 @@ def describe(cfg: Config) -> str:
         f"batch:       {cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} "
         f"accumulation = {cfg.effective_batch_size} sequences per optimizer step",
         f"schedule:    {length}; {cfg.optimizer}, lr {cfg.learning_rate}, "
-        f"{cfg.lr_scheduler}{warmup}",
+        f"{cfg.lr_scheduler}{warmup}{_restarts(cfg)}",
         f"precision:   bf16 {cfg.bf16}, fp16 {cfg.fp16}; gradient_checkpointing "
         f"{cfg.gradient_checkpointing}; attention {cfg.attn_implementation or 'default'}",
         f"output_dir:  {cfg.output_dir}",
@@ -62,3 +67,11 @@ def describe(cfg: Config) -> str:
         lines.append("left empty:  " + ", ".join(unset) + " (Axolotl keys, nothing to do)")
     body = yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False, allow_unicode=True)
     return "\n".join(lines) + "\n\n# resolved config\n" + body
+
+
+def _restarts(cfg: Config) -> str:
+    """ReLoRA / jagged restarts, which reshape the schedule line's learning rate."""
+    if not cfg.jagged_restart_steps:
+        return ""
+    what = "ReLoRA merge and restart" if cfg.relora else "learning-rate restart"
+    return f"; {what} every {cfg.jagged_restart_steps} steps"

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dft_peft.config.loftq_keys import PeftFields
+
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager", "flex_attention"]
 
 
@@ -46,6 +48,12 @@ class ModelFields(BaseModel):
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
         default=None, description="transformers' MoE experts kernel (the same experts, another kernel)."
     )
+    model_quantization_config: Literal["Mxfp4Config", "FineGrainedFP8Config"] | None = Field(
+        default=None, description="a checkpoint's own quantized format (gpt-oss MXFP4: with dequantize: true)."
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        default=None, description="arguments of that transformers config, e.g. {dequantize: true}."
+    )
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -68,6 +76,9 @@ class ModelFields(BaseModel):
     )
     peft_use_rslora: bool | None = Field(default=None, description="rank-stabilised LoRA: scale alpha/sqrt(r).")
     lora_fan_in_fan_out: bool | None = Field(default=None, description="weights stored (in, out), e.g. GPT-2 Conv1D.")
+    peft: PeftFields | None = Field(
+        default=None, description="{loftq_config: {loftq_bits: 4}}: LoftQ init, peft quantizes the full-precision base."
+    )
 
     # --- kernels (Axolotl's LigerPlugin keys; applied when liger-kernel is installed) ------------
     liger_rope: bool | None = None

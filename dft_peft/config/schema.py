@@ -35,6 +35,7 @@ from dft_peft.config.checks import check_consistency, reject_bool_number
 from dft_peft.config.describe import describe
 from dft_peft.config.fsdp import normalise_fsdp_config
 from dft_peft.config.loop_keys import check_deepspeed
+from dft_peft.config.relora_keys import off_means_unset
 from dft_peft.config.model_fields import ModelFields
 from dft_peft.config.normalize import normalize_inputs
 from dft_peft.losses.registry import validate_loss_params
@@ -44,7 +45,7 @@ Optimizer = Literal[
     "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
     "adamw_torch_8bit", "adamw_torch_4bit",
 ]
-Scheduler = Literal["cosine", "linear", "constant"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
 Reporter = Literal["tensorboard", "wandb", "none"]
 
 # transformers' OptimizerNames spells the bitsandbytes AdamW two ways; keep one.
@@ -126,6 +127,14 @@ class ConfigSchema(ModelFields):
     torch_compile: bool | Literal["auto"] | None = Field(default=None, description="torch.compile the model (auto: on for torch >= 2.5.1).")
     torch_compile_backend: str | None = None
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None
+    # Axolotl's ReLoRA and jagged restarts (rules: config/relora_keys.py; run: training/relora.py)
+    relora: bool | None = Field(default=None, description="merge LoRA into the base and restart it every jagged_restart_steps.")
+    relora_prune_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="share of Adam's moments zeroed at a restart (default 0.9; 0.999 for reset).")
+    relora_prune_method: Literal["magnitude", "random", "reset"] | None = Field(default=None, description="which moments are zeroed (default magnitude: the smallest).")
+    relora_cpu_offload: bool | None = Field(default=None, description="compute the merges on the CPU.")
+    jagged_restart_steps: int | None = Field(default=None, ge=1, description="steps between learning-rate restarts (and ReLoRA merges).")
+    jagged_restart_warmup_steps: int | None = Field(default=None, ge=1, description="warmup steps after each restart (default 10).")
+    jagged_restart_anneal_steps: int | None = Field(default=None, ge=1, description="anneal steps before each restart (default 1).")
 
     # --- precision and memory ------------------------------------------------------------------
     bf16: bool | Literal["auto"] | None = Field(
@@ -208,6 +217,11 @@ class ConfigSchema(ModelFields):
     def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
         reject_bool_number(value, info.field_name, cls.model_fields[info.field_name].annotation)
         return value
+
+    @field_validator("jagged_restart_warmup_steps", "jagged_restart_anneal_steps", mode="before")
+    @classmethod
+    def _false_is_unset(cls, value: Any) -> Any:
+        return off_means_unset(value)
 
     @field_validator("fsdp_config")
     @classmethod

@@ -73,7 +73,10 @@ def _messages(row: Mapping[str, Any], cfg: DatasetConfig) -> list[dict[str, str]
                 f"{cfg.field_messages}[{i}] needs keys '{role_key}' and '{content_key}' "
                 "(set message_property_mappings: {role: ..., content: ...} to your key names)"
             )
-        out.append({"role": cfg.canonical_role(str(msg[role_key])), "content": str(msg[content_key])})
+        message = {"role": cfg.canonical_role(str(msg[role_key])), "content": str(msg[content_key])}
+        if cfg.template_thinking_key and msg.get(cfg.field_thinking) is not None:  # as Axolotl: under the template's name
+            message[cfg.template_thinking_key] = str(msg[cfg.field_thinking])
+        out.append(message)
     if cfg.drop_system_message and out[0]["role"] == "system":
         out = out[1:]  # Axolotl drops the row's system turn (not a template's default one)
     return out
@@ -149,6 +152,7 @@ def chat_segments(row: Mapping[str, Any], cfg: DatasetConfig, ctx: FormatContext
             segments.append((span, False))
             prev = end
             continue
+        pos, content = _with_thinking(span, 0, pos, content, message, cfg)
         head, body, tail = span[:pos], span[pos : pos + len(content)], span[pos + len(content) :]
         is_trained = message["role"] in train_roles
         segments.extend([(head, False), (body, is_trained)])
@@ -255,6 +259,7 @@ def located_segments(
             continue
         is_trained = message["role"] in train_roles
         end = pos + len(content)
+        pos, _ = _with_thinking(full, cursor, pos, content, message, cfg)
         segments.extend([(full[cursor:pos], False), (full[pos:end], is_trained)])
         cursor = end
         marker = _marker_after(ctx, messages[: i + 1], content)
@@ -270,6 +275,20 @@ def located_segments(
         cursor = end + len(marker)
     segments.append((full[cursor:], False))
     return [s for s in segments if s[0]]
+
+
+def _with_thinking(
+    text: str, start: int, pos: int, content: str, message: dict[str, str], cfg: DatasetConfig
+) -> tuple[int, str]:
+    """(pos, body) widened back to the message's reasoning trace where the template rendered it
+    before the reply: Axolotl trains a turn from its reasoning through its content, the template's
+    separators between them included. A template that drops the trace (earlier turns) leaves the
+    reply alone."""
+    thinking = message.get(cfg.template_thinking_key or "", "").strip()
+    at = text.find(thinking, start, pos) if thinking else -1
+    if at < 0:
+        return pos, content
+    return at, text[at : pos + len(content)]
 
 
 def _marker_after(ctx: FormatContext, messages: list[dict[str, str]], content: str) -> str:

@@ -1,5 +1,6 @@
-"""The adapter: LoRA (QLoRA on a 4-bit model) through peft, or a saved adapter from
-`lora_model_dir`, with gradient checkpointing enabled the way peft expects it."""
+"""The adapter: LoRA (QLoRA on a 4-bit model, LoftQ-initialised with `peft.loftq_config`) through
+peft, or a saved adapter from `lora_model_dir`, with gradient checkpointing enabled the way peft
+expects it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from dft_peft.config.checks import check_lora_targets_exist
 from dft_peft.errors import UserError
-from dft_peft.model import hub
+from dft_peft.model import hub, loftq
 from dft_peft.model.moe_quant import PARAMETRIZED_EXCLUDE
 
 
@@ -119,7 +120,8 @@ def attach_adapter(model: Any, cfg: Any):
         adapter_dir = hub.local_source(cfg, "lora_model_dir")
         if not Path(adapter_dir, "adapter_config.json").is_file():
             raise UserError(f"lora_model_dir `{cfg.lora_model_dir}` has no adapter_config.json; point it at a saved adapter.")
-        return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        with loftq.loftq_anywhere():  # a saved LoftQ adapter: peft quantizes the base again
+            return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     targets: list[str] = []
     if cfg.lora_target_modules:
         targets = [cfg.lora_target_modules] if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
@@ -127,6 +129,7 @@ def attach_adapter(model: Any, cfg: Any):
         check_lora_targets_exist(model, cfg.lora_target_modules)  # peft fails only when none matches
     if cfg.lora_target_linear:
         targets = sorted(set(targets) | set(linear_module_names(model)))
+    loftq.check_targets(model, targets, cfg)
     # MoE experts quantized by `quantize_moe_experts` expose `experts.parametrizations.<name>`
     # modules; peft's name-suffix match must not take them for a `down_proj` layer.
     parametrized = any(".parametrizations." in f"{name}." for name, _ in model.named_modules())
@@ -142,8 +145,10 @@ def attach_adapter(model: Any, cfg: Any):
         use_rslora=bool(getattr(cfg, "peft_use_rslora", False)),
         fan_in_fan_out=bool(getattr(cfg, "lora_fan_in_fan_out", False)),
         task_type="CAUSAL_LM",
+        **loftq.lora_init_kwargs(cfg),  # `peft.loftq_config`: init_lora_weights="loftq", as Axolotl passes it
     )
     try:
-        return peft.get_peft_model(model, lora_config)
+        with loftq.loftq_anywhere():
+            return peft.get_peft_model(model, lora_config)
     except ValueError as exc:
         raise UserError(f"lora_target_modules: {exc}".splitlines()[0]) from None

@@ -14,7 +14,9 @@ import torch
 
 from dft_peft.config.checks import check_model_config
 from dft_peft.errors import UserError
-from dft_peft.model import hub, llama4_experts, moe_quant
+from dft_peft.model import hub, llama4_experts, moe_quant, relora_weights
+from dft_peft.model.loftq import loftq_anywhere
+from dft_peft.model.prequantized import prequantized_config
 from dft_peft.model.source import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def load_model(cfg: Any, model_path: Path, tokenizer: Any, precision: Precision)
     kwargs: dict[str, Any] = {
         "dtype": precision.dtype,
         "trust_remote_code": cfg.trust_remote_code,
-        "quantization_config": quantization_config(cfg, precision),
+        "quantization_config": quantization_config(cfg, precision) or prequantized_config(cfg, model_path),
     }
     if cfg.base_model_config or cfg.overrides_of_model_config:
         kwargs["config"] = transformers.AutoConfig.from_pretrained(
@@ -231,6 +233,10 @@ def load_for_inference(cfg: Any, adapter_dir: str | Path | None = None, *, quant
     if adapter_dir:
         if not Path(adapter_dir, "adapter_config.json").is_file():
             raise UserError(f"`{adapter_dir}` holds no adapter (adapter_config.json); train first or pass --adapter DIR.")
-        model = peft.PeftModel.from_pretrained(model, str(adapter_dir))
+        with loftq_anywhere():  # a LoftQ adapter: peft quantizes the base again, as in training
+            model = peft.PeftModel.from_pretrained(model, str(adapter_dir))
+        merged_base = Path(adapter_dir, relora_weights.BASE_WEIGHTS)
+        if merged_base.is_file():  # a ReLoRA run: the base weights its restarts merged into
+            relora_weights.load_base_weights(model, merged_base)
     model.config.use_cache = True
     return model.eval(), tokenizer
