@@ -103,7 +103,8 @@ def test_mxfp4_experts_load_as_the_values_the_checkpoint_encodes(gpt_oss_mxfp4, 
     assert not any(n.endswith(("_blocks", "_scales")) for n in params)
     for name, values in expected.items():
         loaded = params[name]
-        assert loaded.dtype == torch.float32 and loaded.shape == values.shape
+        # transformers 5.23 dequantizes to the model's dtype, Axolotl's pinned one to bf16: both hold the grid exactly
+        assert loaded.dtype in (torch.float32, torch.bfloat16) and loaded.shape == values.shape
         assert torch.equal(loaded.double(), values), f"{name} differs from the MXFP4 codes it was stored as"
 
 
