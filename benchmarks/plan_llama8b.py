@@ -58,16 +58,21 @@ MODES = {
 }
 
 
-def peaks(lengths: tuple[int, ...] = (2048, 8192, 32768)) -> None:
-    """Peak GiB, planner / rehearsal, at fixed sequence lengths: where the two disagree, and by how much."""
+def _modes():
+    """(name, config, rehearser) for each activation-memory mode of MODES."""
     from dft_peft.config import Config
     from dft_peft.memory.rehearsal import Rehearser
 
-    shape = planner.shape_from_config(LLAMA_31_8B)
-    print(f"\n{'peak GiB, planner / rehearsed':40s} " + " ".join(f"{n:>16,d}" for n in lengths))
     for name, extra in MODES.items():
         cfg = Config.model_validate({**_base_config(), **extra})
-        rehearser = Rehearser(cfg, LLAMA_31_8B)
+        yield name, cfg, Rehearser(cfg, LLAMA_31_8B)
+
+
+def peaks(lengths: tuple[int, ...] = (2048, 8192, 32768)) -> None:
+    """Peak GiB, planner / rehearsal, at fixed sequence lengths: where the two disagree, and by how much."""
+    shape = planner.shape_from_config(LLAMA_31_8B)
+    print(f"\n{'peak GiB, planner / rehearsed':40s} " + " ".join(f"{n:>16,d}" for n in lengths))
+    for name, cfg, rehearser in _modes():
         cells = []
         for n in lengths:
             plan = planner.estimate(shape, replace(planner.setup_from_config(cfg), sequence_len=n)).total / GIB
@@ -78,14 +83,9 @@ def peaks(lengths: tuple[int, ...] = (2048, 8192, 32768)) -> None:
 def rehearsed(budgets: tuple[int, ...] = (16, 24)) -> None:
     """Longest sequence_len (multiples of 1024) by the planner and by rehearsing the real step on
     the meta device (dft_peft/memory/rehearsal.py), for the three activation-memory modes."""
-    from dft_peft.config import Config
-    from dft_peft.memory.rehearsal import Rehearser
-
     shape = planner.shape_from_config(LLAMA_31_8B)
     print(f"\n{'longest sequence_len (dft, r32, batch 1)':40s} " + " ".join(f"{f'{g} GiB plan / rehearsed':>24s}" for g in budgets))
-    for name, extra in MODES.items():
-        cfg = Config.model_validate({**_base_config(), **extra})
-        rehearser = Rehearser(cfg, LLAMA_31_8B)
+    for name, cfg, rehearser in _modes():
         cells = []
         for g in budgets:
             plan = planner.longest_sequence_len(shape, planner.setup_from_config(cfg), g * GIB, multiple=1024) or 0

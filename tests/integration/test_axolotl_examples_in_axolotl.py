@@ -8,27 +8,14 @@ Runs in the virtual environment made by scripts/axolotl-venv.sh; skipped, saying
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from axolotl_venv import NEEDS_AXOLOTL_PYTHON, REPO, run_in_axolotl
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 EXAMPLES = REPO / "tests" / "data" / "axolotl-examples"
-VENV = Path(os.environ.get("DFT_PEFT_AXOLOTL_VENV") or REPO / ".venv-axolotl")
-PYTHON = VENV / "bin" / "python"
 
-pytestmark = [
-    pytest.mark.axolotl,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not PYTHON.exists(),
-        reason=f"no Axolotl venv at {VENV}: run scripts/axolotl-venv.sh (or point DFT_PEFT_AXOLOTL_VENV at one)",
-    ),
-]
+pytestmark = NEEDS_AXOLOTL_PYTHON
 
 AXOLOTL_SIDE = r"""
 import json, logging, sys, warnings, yaml
@@ -51,10 +38,7 @@ print(json.dumps(verdicts))
 def test_axolotl_refuses_exactly_the_configs_labelled_axolotl_rejects():
     expected = yaml.safe_load((EXAMPLES / "expected.yaml").read_text())
     configs = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".yml", ".yaml") and p.name != "expected.yaml")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([str(PYTHON), "-c", AXOLOTL_SIDE, *map(str, configs)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_in_axolotl(["-c", AXOLOTL_SIDE, *map(str, configs)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdicts = {Path(k).name: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
     refused_by_axolotl = {name for name, verdict in verdicts.items() if verdict}

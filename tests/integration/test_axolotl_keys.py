@@ -11,33 +11,14 @@ default `<repo>/.venv-axolotl`); skipped, saying why, when it does not exist.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from axolotl_venv import NEEDS_AXOLOTL_PYTHON, REPO, run_in_axolotl
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-VENV = Path(os.environ.get("DFT_PEFT_AXOLOTL_VENV") or REPO / ".venv-axolotl")
-PYTHON = VENV / "bin" / "python"
 
-pytestmark = [
-    pytest.mark.axolotl,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not PYTHON.exists(),
-        reason=f"no Axolotl venv at {VENV}: run scripts/axolotl-venv.sh (or point DFT_PEFT_AXOLOTL_VENV at one)",
-    ),
-]
-
-
-def run_in_axolotl(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([str(PYTHON), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+pytestmark = NEEDS_AXOLOTL_PYTHON
 
 
 def test_checked_in_tables_match_the_installed_axolotl():
